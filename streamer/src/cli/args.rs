@@ -1,0 +1,219 @@
+//! Flags, following PostgreSQL tool conventions (`-D`, `-d`, `-h`, `-p`, `-U`,
+//! `-j`, `-P`), parsed and validated in one place.
+
+use std::path::PathBuf;
+
+use blockstream::codec::Compression;
+use blockstream::lsn::Lsn;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blockstream",
+    version,
+    about = "Block-level parallel backup and restore for PostgreSQL",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Take an online backup of a running cluster into a repository
+    #[command(disable_help_flag = true)]
+    Backup(BackupArgs),
+    /// Restore a backup into a new data directory
+    Restore(RestoreArgs),
+    /// Show the backups in a repository
+    Info(InfoArgs),
+    /// Check every chunk and file digest of stored backups
+    Verify(VerifyArgs),
+    /// Fetch a WAL file from the repository (for restore_command)
+    ArchiveGet(ArchiveGetArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackupKind {
+    /// Copy every file
+    Full,
+    /// Only blocks changed since the latest backup (not yet available)
+    Incr,
+    /// Only blocks changed since the latest full backup (not yet available)
+    Diff,
+    /// Incremental when the chain can continue, full otherwise
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Checkpoint {
+    /// Checkpoint at once (pg_backup_start with fast = true)
+    Fast,
+    /// Let the checkpoint spread over checkpoint_completion_target
+    Spread,
+}
+
+/// How to reach the server; libpq environment variables (PGHOST, PGPORT,
+/// PGUSER, PGDATABASE, PGPASSWORD, PGAPPNAME, PGCONNECT_TIMEOUT) fill the rest.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConnArgs {
+    /// Connection string or database name
+    #[arg(short = 'd', long = "dbname", value_name = "CONNSTR")]
+    pub dbname: Option<String>,
+    /// Server host or socket directory
+    #[arg(short = 'h', long = "host", value_name = "HOST")]
+    pub host: Option<String>,
+    /// Server port
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Database user
+    #[arg(short = 'U', long = "username", value_name = "USER")]
+    pub user: Option<String>,
+}
+
+fn jobs_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256)
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    s.parse().map_err(|e: blockstream::Error| e.to_string())
+}
+
+fn parse_lsn(s: &str) -> Result<Lsn, String> {
+    s.parse().map_err(|e: blockstream::Error| e.to_string())
+}
+
+fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((old, new)) if !old.is_empty() && !new.is_empty() => Ok((old.to_string(), new.to_string())),
+        _ => Err(format!("invalid tablespace mapping \"{s}\": expected OLDDIR=NEWDIR")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Data directory of the cluster (default: $PGDATA, else asked from the server)
+    #[arg(short = 'D', long = "pgdata", value_name = "PGDATA")]
+    pub pgdata: Option<PathBuf>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Repository directory (created on the first backup)
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// Backup type
+    #[arg(long = "type", value_enum, default_value = "full")]
+    pub kind: BackupKind,
+    /// Fail instead of taking a full backup when an incremental one is impossible
+    #[arg(long)]
+    pub no_fallback: bool,
+    /// Parallel streams (threads)
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs_parser(), default_value_t = default_jobs())]
+    pub jobs: usize,
+    /// Compression: zstd[:LEVEL] or none
+    #[arg(long = "compress", value_name = "METHOD", value_parser = parse_compression, default_value = "zstd:3")]
+    pub compress: Compression,
+    /// Checkpoint mode for the backup start
+    #[arg(short = 'c', long = "checkpoint", value_enum, default_value = "fast")]
+    pub checkpoint: Checkpoint,
+    /// Backup label (default: blockstream <backup id>)
+    #[arg(short = 'l', long = "label")]
+    pub label: Option<String>,
+    /// Show progress
+    #[arg(short = 'P', long = "progress")]
+    pub progress: bool,
+    /// Output format of the summary
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+    /// Print help
+    #[arg(long, action = ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target"])))]
+pub struct RestoreArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// New data directory (must be empty or absent, unless --force)
+    #[arg(short = 'D', long = "pgdata", value_name = "TARGET")]
+    pub pgdata: PathBuf,
+    /// Backup to restore: an id or "latest"
+    #[arg(long, value_name = "ID", default_value = "latest")]
+    pub backup: String,
+    /// Parallel threads
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs_parser(), default_value_t = default_jobs())]
+    pub jobs: usize,
+    /// Restore the tablespace at OLDDIR (or with that OID) into NEWDIR
+    #[arg(short = 'T', long = "tablespace-map", value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
+    pub tablespace_map: Vec<(String, String)>,
+    /// Replace the contents of a non-empty target directory
+    #[arg(long)]
+    pub force: bool,
+    /// Stop recovery at this time
+    #[arg(long, value_name = "TIMESTAMP")]
+    pub target_time: Option<String>,
+    /// Stop recovery at this LSN
+    #[arg(long, value_name = "LSN", value_parser = parse_lsn)]
+    pub target_lsn: Option<Lsn>,
+    /// Stop recovery as soon as the backup is consistent
+    #[arg(long, value_parser = ["immediate"])]
+    pub target: Option<String>,
+    /// restore_command written for recovery (default: this program's archive-get)
+    #[arg(long, value_name = "COMMAND")]
+    pub restore_command: Option<String>,
+    /// Show progress
+    #[arg(short = 'P', long = "progress")]
+    pub progress: bool,
+    /// Output format of the summary
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// Backup to check: an id, "latest" or "all"
+    #[arg(long, value_name = "ID", default_value = "all")]
+    pub backup: String,
+    /// Parallel threads
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs_parser(), default_value_t = default_jobs())]
+    pub jobs: usize,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct ArchiveGetArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// WAL file name (%f)
+    pub file: String,
+    /// Where to write it (%p)
+    pub path: PathBuf,
+}

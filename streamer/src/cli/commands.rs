@@ -1,0 +1,309 @@
+//! One function per command: options from flags, the engine, the summary.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use blockstream::backup::{run_backup, BackupOptions};
+use blockstream::copy::CopyConfig;
+use blockstream::manifest::Manifest;
+use blockstream::progress::Progress;
+use blockstream::repo::Repo;
+use blockstream::restore::{extract_file, run_restore, RecoveryTarget, RestoreOptions};
+use blockstream::verify::{check_chunks, check_file_digests, decode_chunks};
+use clap::CommandFactory;
+use serde_json::json;
+
+use super::args::{
+    ArchiveGetArgs, BackupArgs, BackupKind, Checkpoint, Cli, Command, InfoArgs, Output, RestoreArgs, VerifyArgs,
+};
+use super::output::{mib, with_progress};
+use super::session::PgSession;
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Backup(a) => backup(a),
+        Command::Restore(a) => restore(a),
+        Command::Info(a) => info(a),
+        Command::Verify(a) => verify(a),
+        Command::ArchiveGet(a) => archive_get(a),
+    }
+}
+
+/// A usage error found after parsing: usage line, exit code 2.
+fn usage_error(msg: String) -> ! {
+    Cli::command().error(clap::error::ErrorKind::InvalidValue, msg).exit()
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    match a.kind {
+        BackupKind::Full => {}
+        BackupKind::Incr | BackupKind::Diff if a.no_fallback => usage_error(format!(
+            "--type {} with --no-fallback: incremental and differential backups are not available yet",
+            if a.kind == BackupKind::Incr { "incr" } else { "diff" }
+        )),
+        BackupKind::Incr | BackupKind::Diff | BackupKind::Auto => {
+            eprintln!("blockstream: incremental backups are not available yet: taking a full backup");
+        }
+    }
+    let mut session = PgSession::connect(&a.conn)?;
+    let pgdata = match a.pgdata.clone().or_else(|| std::env::var_os("PGDATA").map(PathBuf::from)) {
+        Some(p) => p,
+        None => session
+            .data_directory()
+            .map(PathBuf::from)
+            .context("no data directory given and the server does not show it to this user: use -D or set PGDATA")?,
+    };
+    let opts = BackupOptions {
+        pgdata: absolute(&pgdata),
+        repo: absolute(&a.repo),
+        jobs: a.jobs,
+        copy: CopyConfig { compression: a.compress, ..CopyConfig::default() },
+        label: a.label.clone(),
+        fast: a.checkpoint == Checkpoint::Fast,
+    };
+    let progress = Progress::default();
+    let m = with_progress(a.progress, &progress, || run_backup(&opts, &mut session, &progress))?;
+    let s = &m.stats;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&backup_json(&m, &opts.repo))?),
+        Output::Text => {
+            println!(
+                "backup {} ({}) of {} done in {:.1} s",
+                m.backup_id,
+                type_name(&m),
+                session.target(),
+                s.duration_secs
+            );
+            println!("  start {}  stop {}  timeline {}", m.start_lsn, m.stop_lsn, m.timeline);
+            println!(
+                "  read    {} ({} data + {} WAL) in {} files",
+                mib(s.bytes_read),
+                mib(s.data_bytes),
+                mib(s.wal_bytes),
+                s.files
+            );
+            println!(
+                "  written {} in {} streams, ratio {:.2}x ({})",
+                mib(s.bytes_written),
+                m.streams.len(),
+                s.compression_ratio,
+                m.compression
+            );
+            println!("  {:.1} MiB/s; {:.1} s in pg_backup_start/stop", s.throughput_mib_s, s.server_secs);
+            println!("  repository {}", opts.repo.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn type_name(m: &Manifest) -> &'static str {
+    match m.backup_type {
+        blockstream::manifest::BackupType::Full => "full",
+        blockstream::manifest::BackupType::Incr => "incr",
+        blockstream::manifest::BackupType::Diff => "diff",
+    }
+}
+
+fn backup_json(m: &Manifest, repo: &Path) -> serde_json::Value {
+    json!({
+        "backup_id": m.backup_id,
+        "type": type_name(m),
+        "parent": m.parent,
+        "repository": repo.display().to_string(),
+        "label": m.label,
+        "system_identifier": m.system_identifier.to_string(),
+        "timeline": m.timeline,
+        "start_lsn": m.start_lsn.to_string(),
+        "stop_lsn": m.stop_lsn.to_string(),
+        "start_time": m.start_time,
+        "stop_time": m.stop_time,
+        "compression": m.compression.to_string(),
+        "streams": m.streams.len(),
+        "stats": m.stats,
+    })
+}
+
+/// Quotes a word for a shell command line (restore_command runs through sh).
+fn shell_quote(s: &str) -> String {
+    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let repo = absolute(&a.repo);
+    let recovery_target = match (&a.target_time, a.target_lsn, &a.target) {
+        (Some(t), _, _) => RecoveryTarget::Time(t.clone()),
+        (_, Some(l), _) => RecoveryTarget::Lsn(l),
+        (_, _, Some(_)) => RecoveryTarget::Immediate,
+        _ => RecoveryTarget::EndOfWal,
+    };
+    let restore_command = match &a.restore_command {
+        Some(c) => Some(c.clone()),
+        None => {
+            let exe = std::env::current_exe().context("cannot find this program's path for restore_command")?;
+            Some(format!(
+                "{} archive-get --repo {} %f \"%p\"",
+                shell_quote(&exe.display().to_string()),
+                shell_quote(&repo.display().to_string())
+            ))
+        }
+    };
+    let opts = RestoreOptions {
+        repo,
+        target: absolute(&a.pgdata),
+        backup: a.backup.clone(),
+        jobs: a.jobs,
+        tablespace_map: a.tablespace_map.clone(),
+        force: a.force,
+        recovery_target,
+        restore_command,
+    };
+    let progress = Progress::default();
+    let r = with_progress(a.progress, &progress, || run_restore(&opts, &progress))?;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Output::Text => {
+            println!("restored backup {} into {} in {:.1} s", r.backup_id, r.target, r.duration_secs);
+            println!(
+                "  {} in {} files from {} stored; {} threads, {:.1} MiB/s",
+                mib(r.bytes_restored),
+                r.files,
+                mib(r.bytes_stored),
+                r.jobs,
+                r.throughput_mib_s
+            );
+            println!("  {:.1} s checking chunk digests, {:.1} s writing", r.verify_secs, r.write_secs);
+            println!("  start it with: pg_ctl -D {} start", shell_quote(&r.target));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&absolute(&a.repo))?;
+    let mut rows = Vec::new();
+    for id in repo.backup_ids()? {
+        rows.push((id.clone(), repo.load_manifest(&id)));
+    }
+    match a.output {
+        Output::Json => {
+            let backups: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(id, m)| match m {
+                    Ok(m) => backup_json(m, repo.root()),
+                    Err(e) => json!({"backup_id": id, "error": e.to_string()}),
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "repository": repo.root().display().to_string(),
+                    "system_identifier": repo.info.system_identifier.to_string(),
+                    "pg_version_num": repo.info.pg_version_num,
+                    "backups": backups,
+                }))?
+            );
+        }
+        Output::Text => {
+            println!(
+                "repository {} (system identifier {}, PostgreSQL {})",
+                repo.root().display(),
+                repo.info.system_identifier,
+                repo.info.pg_version_num / 10000
+            );
+            if rows.is_empty() {
+                println!("  no backups yet");
+            } else {
+                println!(
+                    "  {:<17} {:<5} {:<21} {:>8} {:>11} {:>11} {:>6}  {:<12} {:<12}",
+                    "backup", "type", "started", "seconds", "size", "stored", "ratio", "start lsn", "stop lsn"
+                );
+            }
+            for (id, m) in &rows {
+                match m {
+                    Ok(m) => println!(
+                        "  {:<17} {:<5} {:<21} {:>8.1} {:>11} {:>11} {:>5.2}x  {:<12} {:<12}",
+                        id,
+                        type_name(m),
+                        m.start_time,
+                        m.stats.duration_secs,
+                        mib(m.stats.bytes_read),
+                        mib(m.stats.bytes_written),
+                        m.stats.compression_ratio,
+                        m.start_lsn.to_string(),
+                        m.stop_lsn.to_string()
+                    ),
+                    Err(e) => println!("  {id:<17} damaged: {e}"),
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&absolute(&a.repo))?;
+    let ids = if a.backup == "all" { repo.backup_ids()? } else { vec![repo.resolve(&a.backup)?] };
+    let mut results = Vec::new();
+    let progress = Progress::default();
+    for id in &ids {
+        let r = repo.load_manifest(id).and_then(|m| {
+            let dir = repo.backup_dir(id);
+            let bytes = check_chunks(&dir, &m, a.jobs, &progress)?;
+            let digests = decode_chunks(&dir, &m, a.jobs, &progress, None, |_| Ok(()))?;
+            check_file_digests(&m, digests, None)?;
+            Ok((bytes, m.files.len()))
+        });
+        results.push((id.clone(), r));
+    }
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    match a.output {
+        Output::Json => {
+            let list: Vec<_> = results
+                .iter()
+                .map(|(id, r)| match r {
+                    Ok((bytes, files)) => json!({"backup_id": id, "ok": true, "stored_bytes": bytes, "files": files}),
+                    Err(e) => json!({"backup_id": id, "ok": false, "problem": e.to_string()}),
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json!({"backups": list, "problems": failed}))?);
+        }
+        Output::Text => {
+            for (id, r) in &results {
+                match r {
+                    Ok((bytes, files)) => println!("backup {id}: ok ({} stored, {files} files)", mib(*bytes)),
+                    Err(e) => println!("backup {id}: {e}"),
+                }
+            }
+            if ids.is_empty() {
+                println!("repository {} holds no backup", repo.root().display());
+            }
+        }
+    }
+    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn archive_get(a: ArchiveGetArgs) -> anyhow::Result<ExitCode> {
+    if a.file.is_empty() || a.file.contains('/') || a.file.starts_with('.') {
+        usage_error(format!("invalid WAL file name \"{}\"", a.file));
+    }
+    let repo = Repo::open(&absolute(&a.repo))?;
+    let wanted = format!("pg_wal/{}", a.file);
+    for id in repo.backup_ids()?.iter().rev() {
+        let Ok(m) = repo.load_manifest(id) else { continue };
+        if m.files.iter().any(|f| f.path == wanted && !f.vanished) {
+            extract_file(&repo, id, &wanted, &a.path)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    eprintln!("blockstream: archive-get: {} is not in repository {}", a.file, repo.root().display());
+    Ok(ExitCode::from(1))
+}

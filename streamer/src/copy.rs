@@ -1,0 +1,198 @@
+//! The parallel copy: pieces of files in, chunks in N stream files out.
+//!
+//! One thread per stream. Threads take pieces (up to `piece_size` bytes of one
+//! file) from a shared bounded channel, so streams stay balanced by bytes
+//! whatever the file sizes, and a large relation segment is read by all
+//! threads at once. Each thread runs the stages in order, each in its own
+//! type: read ([`GuardedMap`]) → hash the piece → append to a
+//! [`ChunkBuilder`] → when the chunk is full, compress ([`Compressor`]) →
+//! hash and write ([`StreamWriter`]). Results go back as `Result`s when the
+//! threads are joined.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::{bounded, Receiver};
+
+use crate::codec::{Compression, Compressor};
+use crate::error::{Error, Result};
+use crate::guard::GuardedMap;
+use crate::hash::{sha256, Digest};
+use crate::pgdata::SourceFile;
+use crate::progress::Progress;
+use crate::stream::{ChunkBuilder, StreamWriter};
+
+/// Up to `piece_size` bytes of one file, read and hashed as a unit.
+#[derive(Clone, Copy, Debug)]
+pub struct Piece {
+    pub file: u32,
+    pub index: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CopyConfig {
+    pub compression: Compression,
+    /// A chunk is closed once its raw size reaches this.
+    pub chunk_size: usize,
+    pub piece_size: u64,
+}
+
+impl Default for CopyConfig {
+    fn default() -> Self {
+        CopyConfig { compression: Compression::default(), chunk_size: 4 << 20, piece_size: 1 << 20 }
+    }
+}
+
+/// What the copy learned about the files it read.
+#[derive(Debug, Default)]
+pub struct CopyOutcome {
+    /// (file, piece index, digest of the bytes stored)
+    pub digests: Vec<(u32, u32, Digest)>,
+    /// (file, stream, chunk), one per distinct chunk a file's bytes went to
+    pub locations: Vec<(u32, u16, u32)>,
+    pub truncated: Vec<u32>,
+    pub vanished: Vec<u32>,
+    pub bytes_read: u64,
+}
+
+impl CopyOutcome {
+    pub fn merge(&mut self, o: CopyOutcome) {
+        self.digests.extend(o.digests);
+        self.locations.extend(o.locations);
+        self.truncated.extend(o.truncated);
+        self.vanished.extend(o.vanished);
+        self.bytes_read += o.bytes_read;
+    }
+}
+
+/// Cuts files into pieces; empty files get no piece.
+pub fn pieces_of(files: &[SourceFile], which: impl Iterator<Item = usize>, piece_size: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    for i in which {
+        let size = files[i].size;
+        let mut offset = 0;
+        let mut index = 0;
+        while offset < size {
+            let len = piece_size.min(size - offset);
+            out.push(Piece { file: i as u32, index, offset, len });
+            offset += len;
+            index += 1;
+        }
+    }
+    out
+}
+
+/// Copies `pieces` of `files` into the streams, one thread per writer.
+pub fn copy_pieces(
+    files: &[SourceFile],
+    pieces: Vec<Piece>,
+    writers: &mut [StreamWriter],
+    cfg: &CopyConfig,
+    progress: &Progress,
+) -> Result<CopyOutcome> {
+    let (tx, rx) = bounded::<Piece>(writers.len() * 4);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = writers
+            .iter_mut()
+            .map(|w| {
+                let rx = rx.clone();
+                let failed = &failed;
+                s.spawn(move || {
+                    let r = stream_worker(files, rx, w, cfg, progress);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        drop(rx);
+        for p in pieces {
+            if failed.load(Ordering::Relaxed) || progress.check_cancel().is_err() || tx.send(p).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let mut outcome = CopyOutcome::default();
+        let mut first_err = None;
+        for h in handles {
+            match h.join().expect("copy thread panicked") {
+                Ok(o) => outcome.merge(o),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        progress.check_cancel()?;
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
+    })
+}
+
+fn stream_worker(
+    files: &[SourceFile],
+    rx: Receiver<Piece>,
+    writer: &mut StreamWriter,
+    cfg: &CopyConfig,
+    progress: &Progress,
+) -> Result<CopyOutcome> {
+    let mut compressor = Compressor::new(cfg.compression)?;
+    let mut chunk = ChunkBuilder::with_capacity(cfg.chunk_size + cfg.piece_size as usize + 4096);
+    let mut stored = Vec::new();
+    let mut out = CopyOutcome::default();
+    let mut open: Option<(u32, File)> = None;
+    for piece in rx {
+        progress.check_cancel()?;
+        let src = &files[piece.file as usize];
+        if open.as_ref().map(|(f, _)| *f) != Some(piece.file) {
+            open = match File::open(&src.abs) {
+                Ok(f) => Some((piece.file, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    out.vanished.push(piece.file);
+                    None
+                }
+                Err(e) => return Err(Error::Io { op: "open", path: src.abs.clone(), source: e }),
+            };
+        }
+        let Some((_, file)) = &open else { continue };
+        let map = GuardedMap::map(file, piece.offset, piece.len as usize).map_err(Error::io("map", &src.abs))?;
+        let data = map.data();
+        out.digests.push((piece.file, piece.index, sha256(data)));
+        let loc = (piece.file, writer.index, writer.next_chunk());
+        if out.locations.last() != Some(&loc) {
+            out.locations.push(loc);
+        }
+        chunk.push(piece.file, piece.offset, data);
+        if map.truncated() {
+            out.truncated.push(piece.file);
+        }
+        drop(map);
+        out.bytes_read += piece.len;
+        progress.add(piece.len);
+        if chunk.raw_len() >= cfg.chunk_size {
+            flush(&mut chunk, &mut compressor, &mut stored, writer)?;
+        }
+    }
+    if !chunk.is_empty() {
+        flush(&mut chunk, &mut compressor, &mut stored, writer)?;
+    }
+    Ok(out)
+}
+
+fn flush(
+    chunk: &mut ChunkBuilder,
+    compressor: &mut Compressor,
+    stored: &mut Vec<u8>,
+    writer: &mut StreamWriter,
+) -> Result<()> {
+    let raw = chunk.finish();
+    compressor.compress(raw, stored)?;
+    writer.append(stored, raw.len())?;
+    chunk.reset();
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! blockstream: the backup engine of pg_blocktrack.
+//!
+//! The pipeline, one module per stage or on-disk format:
+//!
+//! - [`pgdata`] lists what a data directory holds and what a backup must skip;
+//! - [`guard`] maps live data files for reading and survives concurrent truncation;
+//! - [`copy`] spreads the pieces of those files over N parallel streams
+//!   (read → hash → compress → write, one thread per stream);
+//! - [`stream`] owns the bytes of a stream file and of the chunks inside it;
+//! - [`manifest`] owns `manifest.json`, the only proof that a backup exists;
+//! - [`repo`] owns the repository layout, its identity file and its lock;
+//! - [`backup`] and [`restore`] are the two commands built on top;
+//! - [`verify`] checks stored chunks against their digests.
+//!
+//! The engine never talks to PostgreSQL itself: [`backup::BackupSession`] is
+//! implemented by the command line (over libpq) and by the extension (over SPI).
+
+pub mod backup;
+pub mod codec;
+pub mod copy;
+pub mod error;
+pub mod guard;
+pub mod hash;
+pub mod lsn;
+pub mod manifest;
+pub mod pgdata;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod stream;
+pub mod timefmt;
+pub mod verify;
+
+pub use error::{Error, Result};

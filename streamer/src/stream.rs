@@ -1,0 +1,306 @@
+//! Stream files and the chunks inside them; the only code that reads or writes their bytes.
+//!
+//! A stream file (`stream-NN.bsz`) is a 32-byte header followed by chunks laid
+//! end to end. The header is
+//!
+//! ```text
+//! magic "BLKSTRM\0" (8) | format version u32 LE | stream number u32 LE | backup id (16, ASCII, zero-padded)
+//! ```
+//!
+//! Each chunk is one independently compressed unit (a zstd frame, or the raw
+//! bytes with `--compress none`); its offset, stored and raw lengths and the
+//! SHA-256 of its stored bytes live in the manifest, so a chunk is checked
+//! before it is decompressed. Decompressed, a chunk is
+//!
+//! ```text
+//! magic "BSC1" (4) | record count u32 LE | records
+//! record: file index u32 LE | length u32 LE | byte offset u64 LE | length bytes
+//! ```
+//!
+//! where the file index points into the manifest's file list and the record's
+//! bytes belong at that offset of that file.
+
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::hash::{sha256, to_hex, HashingWriter};
+use crate::manifest::ChunkMeta;
+
+pub const STREAM_MAGIC: &[u8; 8] = b"BLKSTRM\0";
+pub const STREAM_VERSION: u32 = 1;
+pub const HEADER_LEN: u64 = 32;
+pub const CHUNK_MAGIC: &[u8; 4] = b"BSC1";
+const CHUNK_HEADER_LEN: usize = 8;
+const RECORD_HEADER_LEN: usize = 16;
+
+pub fn stream_file_name(index: usize) -> String {
+    format!("stream-{index:02}.bsz")
+}
+
+fn header(index: u32, backup_id: &str) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[0..8].copy_from_slice(STREAM_MAGIC);
+    h[8..12].copy_from_slice(&STREAM_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&index.to_le_bytes());
+    let id = backup_id.as_bytes();
+    let n = id.len().min(16);
+    h[16..16 + n].copy_from_slice(&id[..n]);
+    h
+}
+
+/// Builds the decompressed form of one chunk.
+pub struct ChunkBuilder {
+    buf: Vec<u8>,
+    records: u32,
+}
+
+impl ChunkBuilder {
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes);
+        buf.extend_from_slice(&[0u8; CHUNK_HEADER_LEN]);
+        ChunkBuilder { buf, records: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    pub fn raw_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Appends the bytes that belong at `offset` of file `file`.
+    pub fn push(&mut self, file: u32, offset: u64, data: &[u8]) {
+        let len = u32::try_from(data.len()).expect("a record is at most one piece, far below 4 GiB");
+        self.buf.extend_from_slice(&file.to_le_bytes());
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&offset.to_le_bytes());
+        self.buf.extend_from_slice(data);
+        self.records += 1;
+    }
+
+    /// The finished chunk; call [`ChunkBuilder::reset`] before reuse.
+    pub fn finish(&mut self) -> &[u8] {
+        self.buf[0..4].copy_from_slice(CHUNK_MAGIC);
+        self.buf[4..8].copy_from_slice(&self.records.to_le_bytes());
+        &self.buf
+    }
+
+    pub fn reset(&mut self) {
+        self.buf.truncate(CHUNK_HEADER_LEN);
+        self.records = 0;
+    }
+}
+
+/// One record of a decompressed chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub file: u32,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+/// Splits a decompressed chunk into its records, checking every header field
+/// against the chunk's bounds. `what` names the chunk in errors.
+pub fn parse_chunk<'a>(raw: &'a [u8], what: &dyn fmt::Display) -> Result<Vec<Record<'a>>> {
+    if raw.len() < CHUNK_HEADER_LEN {
+        return Err(Error::Corrupt(format!("{what} is {} bytes, shorter than its header", raw.len())));
+    }
+    if &raw[0..4] != CHUNK_MAGIC {
+        return Err(Error::Corrupt(format!("{what} has bad magic {:02x?}, expected {:02x?}", &raw[0..4], CHUNK_MAGIC)));
+    }
+    let count = u32::from_le_bytes(raw[4..8].try_into().unwrap()) as usize;
+    let mut records = Vec::with_capacity(count.min(raw.len() / RECORD_HEADER_LEN));
+    let mut pos = CHUNK_HEADER_LEN;
+    for i in 0..count {
+        let Some(h) = raw.get(pos..pos + RECORD_HEADER_LEN) else {
+            return Err(Error::Corrupt(format!("{what}: record {i} of {count} starts past the end at byte {pos}")));
+        };
+        let file = u32::from_le_bytes(h[0..4].try_into().unwrap());
+        let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+        let offset = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        pos += RECORD_HEADER_LEN;
+        let Some(data) = raw.get(pos..pos + len) else {
+            return Err(Error::Corrupt(format!(
+                "{what}: record {i} claims {len} bytes at byte {pos}, but the chunk ends at {}",
+                raw.len()
+            )));
+        };
+        records.push(Record { file, offset, data });
+        pos += len;
+    }
+    if pos != raw.len() {
+        return Err(Error::Corrupt(format!("{what}: {} bytes follow the last of {count} records", raw.len() - pos)));
+    }
+    Ok(records)
+}
+
+/// Appends stored chunks to a new stream file, hashing each on its way to disk.
+pub struct StreamWriter {
+    pub index: u16,
+    path: PathBuf,
+    out: HashingWriter<File>,
+    offset: u64,
+    pub chunks: Vec<ChunkMeta>,
+}
+
+impl StreamWriter {
+    pub fn create(dir: &Path, index: u16, backup_id: &str) -> Result<Self> {
+        let path = dir.join(stream_file_name(index as usize));
+        let mut file =
+            File::options().write(true).create_new(true).open(&path).map_err(Error::io("create stream file", &path))?;
+        file.write_all(&header(index.into(), backup_id)).map_err(Error::io("write", &path))?;
+        Ok(StreamWriter { index, path, out: HashingWriter::new(file), offset: HEADER_LEN, chunks: Vec::new() })
+    }
+
+    /// Index the next appended chunk will get.
+    pub fn next_chunk(&self) -> u32 {
+        self.chunks.len() as u32
+    }
+
+    /// Writes one stored chunk and records where it lives and its digest.
+    pub fn append(&mut self, stored: &[u8], raw_len: usize) -> Result<u32> {
+        self.out.write_all(stored).map_err(Error::io("write", &self.path))?;
+        let (digest, n) = self.out.take_digest();
+        self.chunks.push(ChunkMeta { offset: self.offset, stored: n, raw: raw_len as u64, sha256: to_hex(&digest) });
+        self.offset += n;
+        Ok(self.chunks.len() as u32 - 1)
+    }
+
+    /// Size of the stream file so far.
+    pub fn bytes(&self) -> u64 {
+        self.offset
+    }
+
+    /// Makes the stream durable and returns its chunk list.
+    pub fn finish(self) -> Result<(String, u64, Vec<ChunkMeta>)> {
+        self.out.get_ref().sync_all().map_err(Error::io("fsync", &self.path))?;
+        let name = self.path.file_name().unwrap().to_string_lossy().into_owned();
+        Ok((name, self.offset, self.chunks))
+    }
+}
+
+/// Reads chunks of one stream file, checking each against its digest.
+pub struct StreamReader {
+    path: PathBuf,
+    file: File,
+}
+
+impl StreamReader {
+    pub fn open(path: &Path, index: u16, backup_id: &str) -> Result<Self> {
+        let file = File::open(path).map_err(Error::io("open stream file", path))?;
+        let mut h = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|e| Error::Corrupt(format!("stream file \"{}\" has no complete header: {e}", path.display())))?;
+        let expected = header(index.into(), backup_id);
+        if h[0..8] != expected[0..8] {
+            return Err(Error::Corrupt(format!(
+                "stream file \"{}\" has bad magic {:02x?}, expected {:02x?}",
+                path.display(),
+                &h[0..8],
+                STREAM_MAGIC
+            )));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if version != STREAM_VERSION {
+            return Err(Error::Corrupt(format!(
+                "stream file \"{}\" has format version {version}, expected {STREAM_VERSION}",
+                path.display()
+            )));
+        }
+        if h != expected {
+            return Err(Error::Corrupt(format!(
+                "stream file \"{}\" belongs to another stream or backup (header names stream {} of \"{}\", expected stream {index} of \"{backup_id}\")",
+                path.display(),
+                u32::from_le_bytes(h[12..16].try_into().unwrap()),
+                String::from_utf8_lossy(&h[16..]).trim_end_matches('\0')
+            )));
+        }
+        Ok(StreamReader { path: path.to_path_buf(), file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the stored bytes of a chunk into `buf` and checks their SHA-256.
+    /// `what` names the chunk in errors.
+    pub fn read_chunk(&self, meta: &ChunkMeta, buf: &mut Vec<u8>, what: &dyn fmt::Display) -> Result<()> {
+        buf.clear();
+        buf.resize(meta.stored as usize, 0);
+        self.file.read_exact_at(buf, meta.offset).map_err(|e| {
+            Error::Corrupt(format!(
+                "{what} is missing: could not read {} bytes at offset {}: {e}",
+                meta.stored, meta.offset
+            ))
+        })?;
+        let found = to_hex(&sha256(buf));
+        if found != meta.sha256 {
+            return Err(Error::Corrupt(format!("{what} is damaged: sha256 {found}, expected {}", meta.sha256)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_round_trip() {
+        let mut b = ChunkBuilder::with_capacity(64);
+        assert!(b.is_empty());
+        b.push(7, 8192, b"hello");
+        b.push(1, 0, b"");
+        let raw = b.finish().to_vec();
+        let recs = parse_chunk(&raw, &"chunk 0").unwrap();
+        assert_eq!(
+            recs,
+            vec![Record { file: 7, offset: 8192, data: b"hello" }, Record { file: 1, offset: 0, data: b"" }]
+        );
+        b.reset();
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn damaged_chunks_are_refused_with_position() {
+        let mut b = ChunkBuilder::with_capacity(64);
+        b.push(7, 0, b"hello");
+        let raw = b.finish().to_vec();
+        let err = parse_chunk(&raw[..raw.len() - 1], &"chunk 3 of stream-01.bsz").unwrap_err().to_string();
+        assert!(err.contains("chunk 3 of stream-01.bsz") && err.contains("record 0"), "{err}");
+        let mut bad = raw.clone();
+        bad[0] = b'X';
+        assert!(parse_chunk(&bad, &"c").unwrap_err().to_string().contains("bad magic"));
+        let mut long = raw.clone();
+        long.push(0);
+        assert!(parse_chunk(&long, &"c").unwrap_err().to_string().contains("follow the last"));
+    }
+
+    #[test]
+    fn stream_write_read_and_tamper() {
+        let dir = std::env::temp_dir().join(format!("bs-stream-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = StreamWriter::create(&dir, 1, "20261127T031500F").unwrap();
+        w.append(b"first", 5).unwrap();
+        w.append(b"second", 6).unwrap();
+        let (name, bytes, chunks) = w.finish().unwrap();
+        assert_eq!((name.as_str(), bytes), ("stream-01.bsz", HEADER_LEN + 11));
+        let path = dir.join(&name);
+        let r = StreamReader::open(&path, 1, "20261127T031500F").unwrap();
+        let mut buf = Vec::new();
+        r.read_chunk(&chunks[1], &mut buf, &"chunk 1").unwrap();
+        assert_eq!(buf, b"second");
+        assert!(StreamReader::open(&path, 2, "20261127T031500F").is_err());
+        let f = File::options().write(true).open(&path).unwrap();
+        f.write_all_at(b"S", chunks[1].offset).unwrap();
+        let err = r.read_chunk(&chunks[1], &mut buf, &"chunk 1").unwrap_err().to_string();
+        assert!(err.contains("chunk 1 is damaged"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

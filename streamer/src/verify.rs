@@ -1,0 +1,236 @@
+//! Reading a backup's chunks back, in parallel: the shared core of restore and verify.
+//!
+//! [`check_chunks`] reads every stored chunk and checks its SHA-256, without
+//! decompressing: restore runs it before writing anything. [`decode_chunks`]
+//! reads, checks, decompresses and parses every chunk, checks each record
+//! against the manifest's file list, hands it to a visitor (restore writes it,
+//! verify does nothing) and returns the digest of every piece it saw, which
+//! [`check_file_digests`] compares with the manifest.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::bounded;
+
+use crate::codec::Decompressor;
+use crate::error::{Error, Result};
+use crate::hash::{file_digest, sha256, to_hex, Digest};
+use crate::manifest::{FileEntry, Manifest};
+use crate::progress::Progress;
+use crate::stream::{parse_chunk, Record, StreamReader};
+
+/// Names a chunk in messages: `chunk 3 of stream-01.bsz in backup 20261127T031500F`.
+pub struct ChunkName<'a> {
+    pub backup: &'a str,
+    pub stream: &'a str,
+    pub chunk: u32,
+}
+
+impl fmt::Display for ChunkName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "chunk {} of {} in backup {}", self.chunk, self.stream, self.backup)
+    }
+}
+
+/// The files with bytes in a chunk, for error messages.
+fn files_in(m: &Manifest, stream: u16, chunk: u32) -> String {
+    let names: Vec<&str> =
+        m.files.iter().filter(|f| f.chunks.contains(&(stream, chunk))).map(|f| f.path.as_str()).collect();
+    match names.len() {
+        0 => String::new(),
+        1..=5 => format!(" (it holds {})", names.join(", ")),
+        n => format!(" (it holds {} and {} more files)", names[..5].join(", "), n - 5),
+    }
+}
+
+fn annotate(e: Error, m: &Manifest, stream: u16, chunk: u32) -> Error {
+    match e {
+        Error::Corrupt(msg) => Error::Corrupt(format!("{msg}{}", files_in(m, stream, chunk))),
+        other => other,
+    }
+}
+
+/// Runs `work` on every chunk of the backup on `jobs` threads; stops at the first error.
+fn for_each_chunk<T: Send + Default>(
+    dir: &Path,
+    m: &Manifest,
+    jobs: usize,
+    progress: &Progress,
+    only: Option<&[(u16, u32)]>,
+    work: impl Fn(&StreamReader, u16, u32, &mut T) -> Result<()> + Sync,
+) -> Result<Vec<T>> {
+    let mut items: Vec<(u16, u32)> = Vec::new();
+    match only {
+        Some(list) => items.extend_from_slice(list),
+        None => {
+            for (s, st) in m.streams.iter().enumerate() {
+                items.extend((0..st.chunks.len() as u32).map(|c| (s as u16, c)));
+            }
+        }
+    }
+    let (tx, rx) = bounded::<(u16, u32)>(jobs.max(1) * 4);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..jobs.max(1))
+            .map(|_| {
+                let rx = rx.clone();
+                let (failed, work) = (&failed, &work);
+                s.spawn(move || -> Result<T> {
+                    let mut readers: HashMap<u16, StreamReader> = HashMap::new();
+                    let mut acc = T::default();
+                    for (stream, chunk) in rx {
+                        progress.check_cancel()?;
+                        let reader = match readers.entry(stream) {
+                            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                let path = dir.join(&m.streams[stream as usize].name);
+                                v.insert(StreamReader::open(&path, stream, &m.backup_id)?)
+                            }
+                        };
+                        if let Err(e) = work(reader, stream, chunk, &mut acc) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(annotate(e, m, stream, chunk));
+                        }
+                    }
+                    Ok(acc)
+                })
+            })
+            .collect();
+        drop(rx);
+        for item in items {
+            if failed.load(Ordering::Relaxed) || tx.send(item).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for h in handles {
+            match h.join().expect("chunk thread panicked") {
+                Ok(t) => out.push(t),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    })
+}
+
+/// Reads every chunk and checks its digest. Returns the stored bytes checked.
+pub fn check_chunks(dir: &Path, m: &Manifest, jobs: usize, progress: &Progress) -> Result<u64> {
+    let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.stored).sum();
+    progress.start_phase("verify", total);
+    let per_thread =
+        for_each_chunk(dir, m, jobs, progress, None, |reader, stream, chunk, bytes: &mut (u64, Vec<u8>)| {
+            let meta = &m.streams[stream as usize].chunks[chunk as usize];
+            let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
+            reader.read_chunk(meta, &mut bytes.1, &name)?;
+            bytes.0 += meta.stored;
+            progress.add(meta.stored);
+            Ok(())
+        })?;
+    Ok(per_thread.iter().map(|(n, _)| n).sum())
+}
+
+/// A record checked against the manifest: its file and piece.
+pub struct Placed<'a, 'r> {
+    pub file: &'a FileEntry,
+    pub file_index: u32,
+    pub piece: u32,
+    pub record: &'r Record<'r>,
+}
+
+#[derive(Default)]
+struct DecodeState {
+    stored: Vec<u8>,
+    raw: Vec<u8>,
+    digests: Vec<(u32, u32, Digest)>,
+}
+
+/// Reads, checks, decompresses and parses every chunk (or the chunks in
+/// `only`); calls `visit` for each record of a file that restore creates;
+/// returns every piece digest seen.
+pub fn decode_chunks(
+    dir: &Path,
+    m: &Manifest,
+    jobs: usize,
+    progress: &Progress,
+    only: Option<&[(u16, u32)]>,
+    visit: impl Fn(&Placed) -> Result<()> + Sync,
+) -> Result<Vec<(u32, u32, Digest)>> {
+    let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.raw).sum();
+    progress.start_phase("restore", total);
+    let per_thread = for_each_chunk(dir, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
+        let meta = &m.streams[stream as usize].chunks[chunk as usize];
+        let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
+        reader.read_chunk(meta, &mut st.stored, &name)?;
+        let mut dec = Decompressor::new(m.compression)?;
+        dec.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
+        for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
+            let file = m.files.get(rec.file as usize).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{name}: record {i} names file {} but the manifest lists {} files",
+                    rec.file,
+                    m.files.len()
+                ))
+            })?;
+            let piece_len = if rec.offset < file.size { m.piece_size.min(file.size - rec.offset) } else { 0 };
+            if rec.offset % m.piece_size != 0 || rec.data.len() as u64 != piece_len {
+                return Err(Error::Corrupt(format!(
+                    "{name}: record {i} for \"{}\" holds {} bytes at offset {}, which is not a piece of a {}-byte file",
+                    file.path,
+                    rec.data.len(),
+                    rec.offset,
+                    file.size
+                )));
+            }
+            let piece = (rec.offset / m.piece_size) as u32;
+            st.digests.push((rec.file, piece, sha256(rec.data)));
+            if !file.vanished {
+                visit(&Placed { file, file_index: rec.file, piece, record: rec })?;
+            }
+        }
+        progress.add(meta.raw);
+        Ok(())
+    })?;
+    Ok(per_thread.into_iter().flat_map(|s| s.digests).collect())
+}
+
+/// Compares the piece digests seen with each file's digest in the manifest
+/// (only for the files in `only`, when given).
+pub fn check_file_digests(m: &Manifest, digests: Vec<(u32, u32, Digest)>, only: Option<u32>) -> Result<()> {
+    let mut per_file: Vec<Vec<(u32, Digest)>> = vec![Vec::new(); m.files.len()];
+    for (f, p, d) in digests {
+        per_file[f as usize].push((p, d));
+    }
+    for (i, (f, mut pieces)) in m.files.iter().zip(per_file).enumerate() {
+        if f.vanished || only.is_some_and(|o| o != i as u32) {
+            continue;
+        }
+        pieces.sort_by_key(|(p, _)| *p);
+        let expected = f.size.div_ceil(m.piece_size) as usize;
+        if pieces.len() != expected || pieces.iter().enumerate().any(|(k, (p, _))| k as u32 != *p) {
+            return Err(Error::Corrupt(format!(
+                "backup {} holds {} of the {expected} pieces of \"{}\"",
+                m.backup_id,
+                pieces.len(),
+                f.path
+            )));
+        }
+        let d: Vec<Digest> = pieces.into_iter().map(|(_, d)| d).collect();
+        let found = to_hex(&file_digest(&d));
+        if found != f.sha256 {
+            return Err(Error::Corrupt(format!(
+                "content of \"{}\" in backup {} has digest {found}, expected {}",
+                f.path, m.backup_id, f.sha256
+            )));
+        }
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@ use blockstream::lsn::Lsn;
 use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
+use crate::errors::raise;
 use crate::PgLsn;
 
 pub struct Started {
@@ -62,24 +63,23 @@ fn current_timeline() -> i32 {
 
 pub fn start(label: Option<&str>, fast: bool) -> Started {
     let Some(label) = label else {
-        ereport!(ERROR, PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "backup label must not be NULL");
+        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "backup label must not be NULL", None);
     };
     if label.is_empty() {
-        ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "backup label must not be empty");
+        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "backup label must not be empty", None);
     }
     if label.len() >= 1024 || label.contains('\n') {
-        ereport!(
-            ERROR,
+        raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("backup label of {} bytes is refused: it must be one line of at most 1023 bytes", label.len())
+            format!("backup label of {} bytes is refused: it must be one line of at most 1023 bytes", label.len()),
+            None,
         );
     }
     if backup_running() {
-        ereport!(
-            ERROR,
+        raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "a backup is already running in this session",
-            "call blocktrack.backup_stop() before starting another one"
+            Some("call blocktrack.backup_stop() before starting another one"),
         );
     }
     let slot = slot_name();
@@ -107,11 +107,10 @@ pub fn start(label: Option<&str>, fast: bool) -> Started {
 
 pub fn stop(wait_for_archive: bool) -> Stopped {
     if !backup_running() {
-        ereport!(
-            ERROR,
+        raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "no backup is running in this session",
-            "call blocktrack.backup_start() first, in the same session"
+            Some("call blocktrack.backup_start() first, in the same session"),
         );
     }
     let row = Spi::get_three_with_args::<String, String, String>(

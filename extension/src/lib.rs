@@ -8,6 +8,7 @@
 use pgrx::prelude::*;
 
 mod backup_session;
+mod errors;
 mod pglsn;
 
 pub use pglsn::PgLsn;
@@ -20,11 +21,10 @@ pgrx::extension_sql_file!("../../sql/finalize.sql", finalize);
 pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a backend global, read while the library is being loaded.
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
-        ereport!(
-            ERROR,
+        errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "pg_blocktrack must be loaded via shared_preload_libraries",
-            "add pg_blocktrack to shared_preload_libraries in postgresql.conf and restart the server"
+            Some("add pg_blocktrack to shared_preload_libraries in postgresql.conf and restart the server"),
         );
     }
 }

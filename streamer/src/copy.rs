@@ -10,7 +10,8 @@
 //! threads are joined.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 
@@ -37,11 +38,37 @@ pub struct CopyConfig {
     /// A chunk is closed once its raw size reaches this.
     pub chunk_size: usize,
     pub piece_size: u64,
+    /// Upper bound on bytes read per second, over all threads (`--max-rate`).
+    pub max_rate: Option<u64>,
 }
 
 impl Default for CopyConfig {
     fn default() -> Self {
-        CopyConfig { compression: Compression::default(), chunk_size: 4 << 20, piece_size: 1 << 20 }
+        CopyConfig { compression: Compression::default(), chunk_size: 4 << 20, piece_size: 1 << 20, max_rate: None }
+    }
+}
+
+/// Holds the copy under `max_rate` bytes per second, shared by all threads.
+struct Throttle {
+    rate: Option<u64>,
+    began: Instant,
+    bytes: AtomicU64,
+}
+
+impl Throttle {
+    fn new(rate: Option<u64>) -> Self {
+        Throttle { rate, began: Instant::now(), bytes: AtomicU64::new(0) }
+    }
+
+    /// Accounts for `n` bytes and sleeps until they fit under the rate.
+    fn take(&self, n: u64) {
+        let Some(rate) = self.rate else { return };
+        let total = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let due = Duration::from_secs_f64(total as f64 / rate as f64);
+        let elapsed = self.began.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
     }
 }
 
@@ -94,14 +121,15 @@ pub fn copy_pieces(
 ) -> Result<CopyOutcome> {
     let (tx, rx) = bounded::<Piece>(writers.len() * 4);
     let failed = AtomicBool::new(false);
+    let throttle = Throttle::new(cfg.max_rate);
     std::thread::scope(|s| {
         let handles: Vec<_> = writers
             .iter_mut()
             .map(|w| {
                 let rx = rx.clone();
-                let failed = &failed;
+                let (failed, throttle) = (&failed, &throttle);
                 s.spawn(move || {
-                    let r = stream_worker(files, rx, w, cfg, progress);
+                    let r = stream_worker(files, rx, w, cfg, progress, throttle);
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
@@ -140,6 +168,7 @@ fn stream_worker(
     writer: &mut StreamWriter,
     cfg: &CopyConfig,
     progress: &Progress,
+    throttle: &Throttle,
 ) -> Result<CopyOutcome> {
     let mut compressor = Compressor::new(cfg.compression)?;
     let mut chunk = ChunkBuilder::with_capacity(cfg.chunk_size + cfg.piece_size as usize + 4096);
@@ -160,6 +189,7 @@ fn stream_worker(
             };
         }
         let Some((_, file)) = &open else { continue };
+        throttle.take(piece.len);
         let map = GuardedMap::map(file, piece.offset, piece.len as usize).map_err(Error::io("map", &src.abs))?;
         let data = map.data();
         out.digests.push((piece.file, piece.index, sha256(data)));

@@ -90,6 +90,19 @@ fn parse_compression(s: &str) -> Result<Compression, String> {
     s.parse().map_err(|e: blockstream::Error| e.to_string())
 }
 
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    match num.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n * mult),
+        _ => Err(format!("invalid rate \"{s}\": expected a positive number of bytes per second, like 100M")),
+    }
+}
+
 fn parse_lsn(s: &str) -> Result<Lsn, String> {
     s.parse().map_err(|e: blockstream::Error| e.to_string())
 }
@@ -126,6 +139,9 @@ pub struct BackupArgs {
     /// Checkpoint mode for the backup start
     #[arg(short = 'c', long = "checkpoint", value_enum, default_value = "fast")]
     pub checkpoint: Checkpoint,
+    /// Limit reading from the data directory to RATE bytes per second (suffix k, M or G)
+    #[arg(short = 'r', long = "max-rate", value_name = "RATE", value_parser = parse_rate)]
+    pub max_rate: Option<u64>,
     /// Backup label (default: blockstream <backup id>)
     #[arg(short = 'l', long = "label")]
     pub label: Option<String>,

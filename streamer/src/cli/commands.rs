@@ -11,7 +11,6 @@ use blockstream::progress::Progress;
 use blockstream::repo::Repo;
 use blockstream::restore::{extract_file, run_restore, RecoveryTarget, RestoreOptions};
 use blockstream::verify::{check_chunks, check_file_digests, decode_chunks};
-use clap::CommandFactory;
 use serde_json::json;
 
 use super::args::{
@@ -19,6 +18,7 @@ use super::args::{
 };
 use super::output::{mib, with_progress};
 use super::session::PgSession;
+use super::usage_error;
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -28,11 +28,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify(a),
         Command::ArchiveGet(a) => archive_get(a),
     }
-}
-
-/// A usage error found after parsing: usage line, exit code 2.
-fn usage_error(msg: String) -> ! {
-    Cli::command().error(clap::error::ErrorKind::InvalidValue, msg).exit()
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -62,7 +57,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         pgdata: absolute(&pgdata),
         repo: absolute(&a.repo),
         jobs: a.jobs,
-        copy: CopyConfig { compression: a.compress, ..CopyConfig::default() },
+        copy: CopyConfig { compression: a.compress, max_rate: a.max_rate, ..CopyConfig::default() },
         label: a.label.clone(),
         fast: a.checkpoint == Checkpoint::Fast,
     };

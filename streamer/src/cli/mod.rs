@@ -1,6 +1,7 @@
-//! The command line: [`args`] turns raw flags into validated options (clap
-//! exits with code 2 and a usage line on bad flags), [`session`] talks to
-//! PostgreSQL, [`commands`] runs the engine and [`output`] prints the result.
+//! The command line: [`args`] turns raw flags into validated options,
+//! [`session`] talks to PostgreSQL, [`commands`] runs the engine and
+//! [`output`] prints the result. Bad flags end with exit code 2, the error and
+//! a usage line; failures of the work itself end with exit code 1.
 
 mod args;
 mod commands;
@@ -9,9 +10,41 @@ mod session;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            eprint!("{text}");
+            if !text.contains("Usage:") {
+                eprintln!("\n{}", usage_line());
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
     commands::dispatch(cli)
+}
+
+/// The usage line of the subcommand named on the command line, or of the program.
+pub fn usage_line() -> String {
+    let mut cmd = args::Cli::command();
+    cmd.build();
+    let sub = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let target = sub.as_deref().and_then(|s| cmd.find_subcommand_mut(s).map(|c| c.render_usage()));
+    match target {
+        Some(u) => u.to_string(),
+        None => cmd.render_usage().to_string(),
+    }
+}
+
+/// A usage error found after parsing: message, usage line, exit code 2.
+pub fn usage_error(msg: impl std::fmt::Display) -> ! {
+    eprintln!("error: {msg}\n\n{}", usage_line());
+    std::process::exit(2)
 }

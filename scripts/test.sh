@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every test of the project, in order of cost: formatting and lints, unit
+# tests, #[pg_test]s, pg_regress tests of the SQL surface, end-to-end tests on
+# real clusters. Exits non-zero on the first failure.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+
+[ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "unit tests (blockstream)"
+cargo test --release -p blockstream --lib
+
+step "#[pg_test]s (pg_blocktrack)"
+pgrx_data=/tmp/blocktrack-pgrx-test
+rm -rf "$pgrx_data" && mkdir -p "$pgrx_data" && chown postgres "$pgrx_data"
+(cd extension && cargo pgrx test pg15 --runas postgres --pgdata "$pgrx_data")
+
+step "pg_regress (SQL surface)"
+bash regress/run.sh
+
+step "end-to-end tests (real clusters)"
+cargo test --release -p blockstream --test e2e -- --test-threads=1
+
+step "all tests passed"

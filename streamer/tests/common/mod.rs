@@ -1,0 +1,277 @@
+//! Test harness: real PostgreSQL 15 clusters (initdb -k, run as `postgres`),
+//! clients run as root over the socket in /tmp, and the `blockstream` binary.
+//! Every cluster gets its own port and directory and is stopped (by data
+//! directory, never by process name) when dropped.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn pg_bin(name: &str) -> PathBuf {
+    let dir = std::env::var("PG_BINDIR").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    Path::new(&dir).join(name)
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A fresh directory for a test, owned by postgres so clusters and tablespaces can live in it.
+/// Directories of earlier runs of the same test are removed.
+pub fn scratch(name: &str) -> PathBuf {
+    let root = Path::new("/tmp/blockstream-e2e");
+    for old in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if old.file_name().to_string_lossy().rsplit_once('-').is_some_and(|(n, _)| n == name) {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
+    }
+    let d = root.join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    chown_postgres(&d);
+    chown_postgres(d.parent().unwrap());
+    d
+}
+
+pub fn chown_postgres(p: &Path) {
+    run_ok(Command::new("chown").arg("postgres:postgres").arg(p));
+}
+
+fn next_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(0, 5600 + (std::process::id() % 40) as u16 * 10, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        if !Path::new(&format!("/tmp/.s.PGSQL.{p}")).exists() {
+            return p;
+        }
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn as_postgres(bin: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(pg_bin(bin));
+    c
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub data: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    /// Extra server options for `pg_ctl -o` (restored clusters get their own port this way).
+    options: String,
+}
+
+impl Cluster {
+    /// initdb -k and the project's test settings; not started.
+    pub fn init(name: &str, base: &Path) -> Cluster {
+        let data = base.join(format!("{name}-data"));
+        run_ok(as_postgres("initdb").args(["-k", "-A", "trust", "-U", "postgres", "-D"]).arg(&data));
+        let mut conf = std::fs::read_to_string(workspace().join("pg_test_configs/blocktrack.conf")).unwrap();
+        let port = next_port();
+        conf.push_str(&format!("\nport = {port}\n"));
+        let path = data.join("postgresql.conf");
+        let mut all = std::fs::read_to_string(&path).unwrap();
+        all.push_str(&conf);
+        std::fs::write(&path, all).unwrap();
+        Cluster { name: name.into(), log: base.join(format!("{name}.log")), data, port, options: String::new() }
+    }
+
+    /// A data directory made by a restore, started on its own port without archiving.
+    pub fn restored(name: &str, data: &Path, base: &Path) -> Cluster {
+        let port = next_port();
+        Cluster {
+            name: name.into(),
+            data: data.to_path_buf(),
+            port,
+            log: base.join(format!("{name}.log")),
+            options: format!("-p {port} -c archive_mode=off"),
+        }
+    }
+
+    pub fn start(&self) {
+        let mut c = as_postgres("pg_ctl");
+        c.args(["-D"]).arg(&self.data).args(["-l"]).arg(&self.log).args(["-w", "-t", "120"]);
+        if !self.options.is_empty() {
+            c.args(["-o", &self.options]);
+        }
+        let out = run(c.arg("start"));
+        if !out.status.success() {
+            panic!(
+                "cluster {} did not start: {}\n{}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+
+    pub fn stop(&self) {
+        if self.data.join("postmaster.pid").exists() {
+            let _ = run(as_postgres("pg_ctl").arg("-D").arg(&self.data).args(["-m", "fast", "-w", "stop"]));
+        }
+    }
+
+    pub fn conn(&self) -> Vec<String> {
+        vec!["-h".into(), "/tmp".into(), "-p".into(), self.port.to_string(), "-U".into(), "postgres".into()]
+    }
+
+    pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = run(Command::new(pg_bin("psql")).args(self.conn()).args([
+            "-d",
+            db,
+            "-XAtq",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ]));
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        self.try_sql(db, sql).unwrap_or_else(|e| panic!("on {}: {sql}\n{e}", self.name))
+    }
+
+    /// Waits until recovery has ended and the server accepts writes.
+    pub fn wait_promoted(&self) {
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            if self.try_sql("postgres", "SELECT pg_is_in_recovery()").as_deref() == Ok("f") {
+                return;
+            }
+            assert!(Instant::now() < until, "{} still in recovery after 120 s", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pgbench(&self, args: &[&str]) -> Child {
+        Command::new(pg_bin("pgbench"))
+            .args(self.conn())
+            .args(args)
+            .arg("postgres")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn pgbench_init(&self, scale: u32) {
+        run_ok(Command::new(pg_bin("pgbench")).args(self.conn()).args([
+            "-i",
+            "-q",
+            "-s",
+            &scale.to_string(),
+            "postgres",
+        ]));
+    }
+
+    /// `pg_dumpall` without comments and blank lines: equal output, equal data.
+    pub fn dumpall(&self) -> String {
+        let out = run_ok(Command::new(pg_bin("pg_dumpall")).args(self.conn()));
+        // 15.14+ brackets the dump with \\restrict KEY ... \\unrestrict KEY, a random key per run.
+        out.lines()
+            .filter(|l| {
+                !l.starts_with("--") && !l.is_empty() && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.data.join("postmaster.pid").exists() {
+            let _ = run(as_postgres("pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]));
+        }
+    }
+}
+
+pub fn blockstream() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blockstream"))
+}
+
+/// Runs blockstream; returns (exit code, stdout, stderr).
+pub fn bs(args: &[&str]) -> (i32, String, String) {
+    let out = run(blockstream().args(args));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn bs_ok(args: &[&str]) -> String {
+    let (code, out, err) = bs(args);
+    assert_eq!(code, 0, "blockstream {args:?} failed:\n{out}\n{err}");
+    out
+}
+
+/// Backs up `c` into `repo`; returns the JSON summary.
+pub fn backup(c: &Cluster, repo: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), c.data.display().to_string()];
+    args.extend(c.conn());
+    args.extend(["--repo".into(), repo.display().to_string(), "--output".into(), "json".into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    serde_json::from_str(&bs_ok(&a)).unwrap()
+}
+
+/// Restores `repo` into `target` with `-j jobs`, starts it and waits for the end of recovery.
+pub fn restore_and_start(name: &str, repo: &Path, base: &Path, jobs: u32, extra: &[&str]) -> Cluster {
+    let target = base.join(format!("{name}-data"));
+    let mut args = vec![
+        "restore".to_string(),
+        "--repo".into(),
+        repo.display().to_string(),
+        "-D".into(),
+        target.display().to_string(),
+        "-j".into(),
+        jobs.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    bs_ok(&a);
+    let c = Cluster::restored(name, &target, base);
+    c.start();
+    c.wait_promoted();
+    c
+}
+
+/// Asserts two dumps are equal, showing the first difference.
+pub fn assert_same_dump(expected: &str, found: &str, what: &str) {
+    if expected != found {
+        let (e, f): (Vec<_>, Vec<_>) = (expected.lines().collect(), found.lines().collect());
+        let i = e.iter().zip(&f).position(|(a, b)| a != b).unwrap_or(e.len().min(f.len()));
+        panic!(
+            "{what}: pg_dumpall differs at line {i} ({} vs {} lines)\nexpected: {:?}\nfound:    {:?}",
+            e.len(),
+            f.len(),
+            e.get(i),
+            f.get(i)
+        );
+    }
+}

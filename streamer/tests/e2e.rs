@@ -1,0 +1,373 @@
+//! End-to-end tests on real PostgreSQL 15 clusters: online backups under
+//! load, parallel restores that must start and hold exactly the source's
+//! data, tablespaces, damaged repositories and bad input.
+//!
+//! Run as root (clusters run as `postgres`), with pg_blocktrack installed:
+//! `cargo test --release -p blockstream --test e2e -- --test-threads=1`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn manifest_of(repo: &Path, id: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo.join("backups").join(id).join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// pgbench runs while files are copied and stops before backup_stop; during
+/// the copy one table is dropped and another truncated by VACUUM. Restores
+/// with -j 1 and -j 4 must both equal the source.
+#[test]
+fn full_backup_under_load_restores_identically() {
+    let base = scratch("load");
+    let src = Cluster::init("source", &base);
+    src.start();
+    src.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    src.pgbench_init(10);
+    src.sql(
+        "postgres",
+        "CREATE TABLE will_get_dropped AS SELECT g, repeat('d', 500) AS filler FROM generate_series(1, 20000) g;
+         CREATE TABLE will_shrink AS SELECT g, repeat('s', 500) AS filler FROM generate_series(1, 20000) g;
+         ALTER TABLE will_shrink SET (autovacuum_enabled = off);
+         CHECKPOINT;",
+    );
+    let repo = base.join("repo");
+
+    // About 190 MiB at 12 MiB/s: the copy takes ~15 s; pgbench runs for the first 6.
+    let mut pgbench = src.pgbench(&["-n", "-c", "2", "-T", "6"]);
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), src.data.display().to_string()];
+    args.extend(src.conn());
+    args.extend(
+        ["--repo", &repo.display().to_string(), "-j", "2", "--max-rate", "12M", "--output", "json"].map(String::from),
+    );
+    let mut backup = blockstream().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+
+    // Wait until the copy is under way (a stream file has data), then change the schema.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copying = std::fs::read_dir(repo.join("backups"))
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|b| std::fs::metadata(b.path().join("stream-00.bsz")).map(|m| m.len() > 1 << 20).unwrap_or(false));
+        if copying {
+            break;
+        }
+        assert!(Instant::now() < until, "the backup never started copying");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = src.sql("postgres", "SELECT pg_relation_size('will_shrink')");
+    src.sql("postgres", "DROP TABLE will_get_dropped");
+    src.sql("postgres", "DELETE FROM will_shrink WHERE g > 500");
+    src.sql("postgres", "VACUUM will_shrink");
+    let after = src.sql("postgres", "SELECT pg_relation_size('will_shrink')");
+    assert!(
+        after.parse::<u64>().unwrap() < before.parse::<u64>().unwrap() / 4,
+        "VACUUM did not truncate: {before} -> {after}"
+    );
+    assert!(backup.try_wait().unwrap().is_none(), "the backup ended before the schema changes were done");
+
+    assert!(pgbench.wait().unwrap().success(), "pgbench failed");
+    assert!(backup.try_wait().unwrap().is_none(), "pgbench must stop before backup_stop");
+    let out = backup.wait_with_output().unwrap();
+    assert!(out.status.success(), "backup failed: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = summary["backup_id"].as_str().unwrap();
+
+    // The concurrent drop and truncation were seen by the copy.
+    let m = manifest_of(&repo, id);
+    let touched = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["truncated"].as_bool() == Some(true) || f["vanished"].as_bool() == Some(true))
+        .count();
+    assert!(touched > 0, "no file was seen truncated or gone during the copy");
+
+    let expected = src.dumpall();
+    assert!(expected.contains("will_shrink") && !expected.contains("will_get_dropped"));
+    for jobs in [1, 4] {
+        let restored = restore_and_start(&format!("restored-j{jobs}"), &repo, &base, jobs, &[]);
+        assert_same_dump(&expected, &restored.dumpall(), &format!("restore -j {jobs}"));
+        restored.stop();
+    }
+}
+
+/// pgbench runs from before the start to after the end of the backup: the
+/// restored cluster keeps pgbench's invariant and amcheck finds nothing.
+#[test]
+fn backup_with_load_throughout_keeps_pgbench_invariant() {
+    let base = scratch("throughout");
+    let src = Cluster::init("source", &base);
+    src.start();
+    src.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    src.pgbench_init(10);
+    let repo = base.join("repo");
+    let mut pgbench = src.pgbench(&["-n", "-c", "2", "-T", "600"]);
+    std::thread::sleep(Duration::from_secs(2));
+    backup(&src, &repo, &["-j", "2"]);
+    assert!(pgbench.try_wait().unwrap().is_none(), "pgbench must still run when the backup ends");
+    let _ = pgbench.kill();
+    let _ = pgbench.wait();
+
+    let restored = restore_and_start("restored", &repo, &base, 2, &[]);
+    let sums = restored.sql(
+        "postgres",
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || (SELECT sum(tbalance) FROM pgbench_tellers) \
+         || ' ' || (SELECT sum(bbalance) FROM pgbench_branches) || ' ' || (SELECT count(*) FROM pgbench_history)",
+    );
+    let v: Vec<i64> = sums.split(' ').map(|s| s.parse().unwrap()).collect();
+    assert!(v[0] == v[1] && v[1] == v[2], "balances disagree after restore: {sums}");
+    assert!(v[3] > 0, "no pgbench transaction made it into the backup: {sums}");
+    let amcheck = run(std::process::Command::new(pg_bin("pg_amcheck")).args(restored.conn()).args([
+        "--all",
+        "--install-missing",
+        "--heapallindexed",
+    ]));
+    assert!(
+        amcheck.status.success() && amcheck.stdout.is_empty(),
+        "pg_amcheck reported problems:\n{}{}",
+        String::from_utf8_lossy(&amcheck.stdout),
+        String::from_utf8_lossy(&amcheck.stderr)
+    );
+}
+
+/// A table and index in a user tablespace restore with and without --tablespace-map.
+#[test]
+fn tablespace_restores_with_and_without_mapping() {
+    let base = scratch("tablespace");
+    let src = Cluster::init("source", &base);
+    src.start();
+    let location = base.join("ts1");
+    std::fs::create_dir(&location).unwrap();
+    chown_postgres(&location);
+    src.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    src.sql("postgres", &format!("CREATE TABLESPACE ts1 LOCATION '{}'", location.display()));
+    src.sql(
+        "postgres",
+        "CREATE TABLE in_ts TABLESPACE ts1 AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 50000) g;
+         CREATE INDEX in_ts_v ON in_ts (v) TABLESPACE ts1;",
+    );
+    let checksum = "SELECT md5(string_agg(id || ':' || v, ',' ORDER BY id)) FROM in_ts";
+    let expected = src.sql("postgres", checksum);
+    let repo = base.join("repo");
+    backup(&src, &repo, &["-j", "2"]);
+
+    // With a mapping: the tablespace lands in the new place.
+    let moved = base.join("ts1-moved");
+    let map = format!("{}={}", location.display(), moved.display());
+    let restored = restore_and_start("mapped", &repo, &base, 2, &["--tablespace-map", &map]);
+    assert_eq!(restored.sql("postgres", checksum), expected);
+    assert_eq!(
+        restored.sql("postgres", "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'"),
+        moved.display().to_string()
+    );
+    assert_eq!(restored.sql("postgres", "SELECT count(*) FROM in_ts WHERE v = md5('4242')"), "1");
+    restored.stop();
+
+    // Without a mapping: the original location, which must be free.
+    src.stop();
+    std::fs::rename(&location, base.join("ts1-source")).unwrap();
+    let restored = restore_and_start("unmapped", &repo, &base, 2, &[]);
+    assert_eq!(restored.sql("postgres", checksum), expected);
+    assert_eq!(
+        restored.sql("postgres", "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'"),
+        location.display().to_string()
+    );
+    restored.stop();
+}
+
+/// One flipped byte in a stream: restore fails naming the chunk and its
+/// files before writing them; verify fails too. A manifest path with `..` is refused.
+#[test]
+fn damaged_stream_and_unsafe_manifest_are_refused() {
+    let base = scratch("damage");
+    let src = Cluster::init("source", &base);
+    src.start();
+    src.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    src.pgbench_init(2);
+    let repo = base.join("repo");
+    let id = backup(&src, &repo, &["-j", "2"])["backup_id"].as_str().unwrap().to_string();
+    let dir = repo.join("backups").join(&id);
+    let m = manifest_of(&repo, &id);
+    let chunk = &m["streams"][1]["chunks"][0];
+    let victims: Vec<String> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["chunks"].as_array().unwrap().iter().any(|c| c[0] == 1 && c[1] == 0))
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!victims.is_empty());
+
+    let stream = dir.join("stream-01.bsz");
+    let pristine = std::fs::read(&stream).unwrap();
+    let mut bytes = pristine.clone();
+    let at = (chunk["offset"].as_u64().unwrap() + chunk["stored"].as_u64().unwrap() / 2) as usize;
+    bytes[at] ^= 0x01;
+    std::fs::write(&stream, &bytes).unwrap();
+
+    let target = base.join("target");
+    let (code, _, err) = bs(&["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap(), "-j", "2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("chunk 0 of stream-01.bsz in backup {id} is damaged")), "{err}");
+    assert!(err.contains(&victims[0]), "the error must name a file in the chunk: {err}");
+    for v in &victims {
+        assert!(!target.join(v).exists(), "{v} was written from a damaged chunk");
+    }
+    let (code, out, _) = bs(&["verify", "--repo", repo.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("chunk 0 of stream-01.bsz"), "{out}");
+
+    std::fs::write(&stream, &pristine).unwrap();
+    bs_ok(&["verify", "--repo", repo.to_str().unwrap()]);
+
+    // A manifest with a valid checksum but a path that climbs out of the target.
+    let mut manifest = blockstream::manifest::Manifest::load(&dir).unwrap();
+    manifest.files[0].path = "../escaped".into();
+    manifest.store(&dir).unwrap();
+    let target = base.join("target2");
+    let (code, _, err) = bs(&["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("manifest path \"../escaped\" is refused: it contains \"..\""), "{err}");
+    assert!(!base.join("escaped").exists());
+}
+
+/// Bad flags exit 2 with a usage line; bad situations exit 1 with a message
+/// naming what is wrong; a killed backup leaves no backup behind.
+#[test]
+fn cli_bad_input_and_refusals() {
+    for args in [
+        vec![],
+        vec!["backup"],
+        vec!["backup", "--repo", "/tmp/x", "--bogus"],
+        vec!["backup", "--repo", "/tmp/x", "--compress", "zstd:99"],
+        vec!["backup", "--repo", "/tmp/x", "--compress", "lz4"],
+        vec!["restore", "--repo", "/tmp/x", "-D", "/tmp/y", "-j", "0"],
+        vec!["restore", "--repo", "/tmp/x"],
+        vec!["restore", "--repo", "/tmp/x", "-D", "/tmp/y", "--target-lsn", "nonsense"],
+        vec!["restore", "--repo", "/tmp/x", "-D", "/tmp/y", "--tablespace-map", "nodelimiter"],
+        vec!["nosuchcommand"],
+    ] {
+        let (code, _, err) = bs(&args);
+        assert_eq!(code, 2, "blockstream {args:?} must be a usage error: {err}");
+        assert!(err.contains("Usage:"), "blockstream {args:?} must print a usage line: {err}");
+    }
+
+    let base = scratch("cli");
+    let (code, _, err) = bs(&["restore", "--repo", "/nonexistent/repo", "-D", base.join("t").to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("repository \"/nonexistent/repo\" does not exist"), "{err}");
+    let (code, _, err) = bs(&["info", "--repo", base.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not a blockstream repository"), "{err}");
+
+    let repo = base.join("repo");
+    let (code, _, err) =
+        bs(&["backup", "-D", "/tmp", "-h", "/tmp", "-p", "1", "-U", "postgres", "--repo", repo.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("could not connect to server (host=/tmp port=1"), "{err}");
+
+    let a = Cluster::init("a", &base);
+    a.start();
+    let b = Cluster::init("b", &base);
+    b.start();
+    let mut args: Vec<String> =
+        vec!["backup".into(), "-D".into(), a.data.display().to_string(), "--repo".into(), repo.display().to_string()];
+    args.extend(a.conn());
+    let (code, _, err) = bs(&argv(&args));
+    assert_eq!(code, 1);
+    assert!(err.contains("extension pg_blocktrack is not installed"), "{err}");
+    a.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    b.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    bs_ok(&argv(&args));
+
+    // -D of one cluster, connection to the other.
+    let mut mixed: Vec<String> = vec![
+        "backup".into(),
+        "-D".into(),
+        a.data.display().to_string(),
+        "--repo".into(),
+        base.join("repo2").display().to_string(),
+    ];
+    mixed.extend(b.conn());
+    let (code, _, err) = bs(&argv(&mixed));
+    assert_eq!(code, 1);
+    assert!(err.contains("point at different clusters"), "{err}");
+
+    // Cluster b into a's repository.
+    let mut other: Vec<String> =
+        vec!["backup".into(), "-D".into(), b.data.display().to_string(), "--repo".into(), repo.display().to_string()];
+    other.extend(b.conn());
+    let (code, _, err) = bs(&argv(&other));
+    assert_eq!(code, 1);
+    assert!(err.contains("belongs to the cluster with system identifier"), "{err}");
+
+    // A second writer is told who holds the lock.
+    let lock = std::fs::File::open(repo.join("lock")).unwrap();
+    assert_eq!(unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let (code, _, err) = bs(&argv(&args));
+    assert_eq!(code, 1);
+    assert!(err.contains("is locked by another blockstream process"), "{err}");
+    drop(lock);
+
+    // A backup killed mid-copy leaves nothing that claims to be a backup.
+    let ids_before = bs_ok(&["info", "--repo", repo.to_str().unwrap(), "--output", "json"]);
+    let mut slow = args.clone();
+    slow.extend(["--max-rate".into(), "1M".into()]);
+    let mut child = blockstream().args(&slow).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = std::fs::read_dir(repo.join("backups")).unwrap().count();
+    assert_eq!(partial, 2, "the killed backup's directory is there, without a manifest");
+    assert_eq!(bs_ok(&["info", "--repo", repo.to_str().unwrap(), "--output", "json"]), ids_before);
+    let (code, _, err) = bs(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "-D",
+        base.join("t2").to_str().unwrap(),
+        "--backup",
+        "20990101T000000F",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not in repository"), "{err}");
+    // The next backup removes the leftover and succeeds.
+    bs_ok(&argv(&args));
+    let info: serde_json::Value =
+        serde_json::from_str(&bs_ok(&["info", "--repo", repo.to_str().unwrap(), "--output", "json"])).unwrap();
+    assert_eq!(info["backups"].as_array().unwrap().len(), 2);
+    assert_eq!(std::fs::read_dir(repo.join("backups")).unwrap().count(), 2);
+
+    // A non-empty target is refused without --force.
+    let target = base.join("busy");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("keep"), b"x").unwrap();
+    let (code, _, err) = bs(&["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not empty"), "{err}");
+    assert!(target.join("keep").exists());
+}
+
+fn argv(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The extension refuses to be created unless it is preloaded.
+#[test]
+fn extension_requires_shared_preload_libraries() {
+    let base = scratch("preload");
+    let c = Cluster::init("plain", &base);
+    let conf = c.data.join("postgresql.conf");
+    let text = std::fs::read_to_string(&conf).unwrap().replace("shared_preload_libraries = 'pg_blocktrack'", "");
+    std::fs::write(&conf, text).unwrap();
+    c.start();
+    let err = c.try_sql("postgres", "CREATE EXTENSION pg_blocktrack").unwrap_err();
+    assert!(err.contains("pg_blocktrack must be loaded via shared_preload_libraries"), "{err}");
+}

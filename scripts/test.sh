@@ -21,6 +21,8 @@ step "#[pg_test]s (pg_blocktrack)"
 pgrx_data=/tmp/blocktrack-pgrx-test
 rm -rf "$pgrx_data" && mkdir -p "$pgrx_data" && chown postgres "$pgrx_data"
 (cd extension && cargo pgrx test pg15 --runas postgres --pgdata "$pgrx_data")
+# cargo pgrx test installs its debug build (with the test schema); put the release build back.
+(cd extension && cargo pgrx install --release -c "$PG_CONFIG" >/dev/null)
 
 step "pg_regress (SQL surface)"
 bash regress/run.sh

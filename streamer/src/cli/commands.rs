@@ -175,7 +175,10 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
                 r.jobs,
                 r.throughput_mib_s
             );
-            println!("  {:.1} s checking chunk digests, {:.1} s writing", r.verify_secs, r.write_secs);
+            println!(
+                "  {:.2} s checking chunks, {:.2} s creating files, {:.2} s writing, {:.2} s syncing",
+                r.verify_secs, r.layout_secs, r.write_secs, r.sync_secs
+            );
             println!("  start it with: pg_ctl -D {} start", shell_quote(&r.target));
         }
     }

@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: blockstream vs pgBackRest vs pg_basebackup.
+
+One PostgreSQL 15 cluster (initdb -k) with pgbench data; the tools run on the
+same machine in the same run, interleaved, repeated; medians and ratios are
+printed as a markdown table and written to BENCHMARKS.md (or --out).
+
+  python3 bench/bench.py [--scale 50] [--jobs 2] [--reps 3] [--quick]
+
+Run as root (clusters and pgBackRest run as postgres). Needs what
+scripts/setup.sh installs. Page caches are not dropped: every tool reads a
+warm cache, the same for all.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_BIN = Path(os.environ.get("PG_BINDIR", "/usr/lib/postgresql/15/bin"))
+BS = ROOT / "target" / "release" / "blockstream"
+BASE = Path("/tmp/blockstream-bench")
+PORT = 5470
+RPORT = 5471
+
+
+def sh(cmd, user=None, check=True, capture=False, env=None):
+    """Runs a command (a list), as `user` when given."""
+    if user:
+        cmd = ["runuser", "-u", user, "--"] + [str(c) for c in cmd]
+    r = subprocess.run([str(c) for c in cmd], check=False, text=True,
+                       stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, env=env)
+    if check and r.returncode != 0:
+        sys.exit(f"bench: {' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr}")
+    return r.stdout if capture else r
+
+
+def timed(cmd, user=None):
+    """Wall seconds and peak RSS (MiB) of one command."""
+    if user:
+        cmd = ["runuser", "-u", user, "--"] + [str(c) for c in cmd]
+    t = time.monotonic()
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(p.pid, 0)
+    secs = time.monotonic() - t
+    err = p.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench: {' '.join(map(str, cmd))} failed:\n{err}")
+    return secs, usage.ru_maxrss / 1024
+
+
+def du(path):
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                total += os.path.getsize(p)
+    return total
+
+
+def psql(port, sql, db="postgres"):
+    return sh([PG_BIN / "psql", "-h", "/tmp", "-p", port, "-U", "postgres", "-d", db, "-XAtq", "-c", sql],
+              capture=True).strip()
+
+
+def fresh_dir(p, owner="postgres"):
+    shutil.rmtree(p, ignore_errors=True)
+    p.mkdir(parents=True)
+    shutil.chown(p, owner, owner)
+    return p
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.rows = []  # (section, tool, seconds list, bytes, rss list)
+
+    # --- setup -------------------------------------------------------------
+    def setup(self):
+        a = self.a
+        self.stop(BASE / "data")
+        self.stop(BASE / "restored")
+        shutil.rmtree(BASE, ignore_errors=True)
+        fresh_dir(BASE)
+        data = BASE / "data"
+        sh([PG_BIN / "initdb", "-k", "-A", "trust", "-U", "postgres", "-D", data], user="postgres")
+        conf = (ROOT / "pg_test_configs" / "blocktrack.conf").read_text()
+        self.pgbr_conf = BASE / "pgbackrest.conf"
+        conf += f"""
+port = {PORT}
+archive_mode = on
+archive_command = 'pgbackrest --config={self.pgbr_conf} --stanza=bench archive-push %p'
+max_wal_size = 4GB
+"""
+        with open(data / "postgresql.conf", "a") as f:
+            f.write(conf)
+        for d in ("pgbr-repo", "pgbr-log", "pgbr-lock"):
+            fresh_dir(BASE / d)
+        self.pgbr_conf.write_text(f"""[global]
+repo1-path={BASE}/pgbr-repo
+compress-type=zst
+compress-level=3
+process-max={a.jobs}
+start-fast=y
+log-level-console=warn
+log-level-file=off
+log-path={BASE}/pgbr-log
+lock-path={BASE}/pgbr-lock
+
+[bench]
+pg1-path={data}
+pg1-port={PORT}
+pg1-socket-path=/tmp
+""")
+        shutil.chown(self.pgbr_conf, "postgres", "postgres")
+        sh([PG_BIN / "pg_ctl", "-D", data, "-l", BASE / "server.log", "-w", "start"], user="postgres")
+        psql(PORT, "CREATE EXTENSION pg_blocktrack")
+        print(f"pgbench -i -s {a.scale} ...", flush=True)
+        sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-i", "-q", "-s", a.scale, "postgres"])
+        if a.dataset == "random":
+            # Rows that do not compress like pgbench's blank filler.
+            psql(PORT, f"""CREATE TABLE noise AS
+                SELECT g AS id, md5(random()::text) || md5(random()::text) AS a,
+                       (random() * 1e9)::numeric(20,4) AS b, repeat(md5(g::text), 4) AS c
+                  FROM generate_series(1, {a.scale * 40000}) g""")
+        psql(PORT, "CHECKPOINT")
+        self.pgbr("stanza-create")
+        self.db_bytes = int(psql(PORT, "SELECT sum(pg_database_size(oid)) FROM pg_database"))
+
+    def pgbr(self, *cmd):
+        return sh(["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench", *cmd], user="postgres")
+
+    def stop(self, data):
+        if (data / "postmaster.pid").exists():
+            sh([PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], user="postgres", check=False)
+
+    # --- measurements -------------------------------------------------------
+    def full_backups(self):
+        a = self.a
+        bs_repo = BASE / "bs-repo"
+        results = {"blockstream": ([], [], []), "pgBackRest": ([], [], []), "pg_basebackup": ([], [], [])}
+        for rep in range(a.reps):
+            print(f"full backups, round {rep + 1}/{a.reps}", flush=True)
+            before = du(bs_repo) if bs_repo.exists() else 0
+            secs, rss = timed([BS, "backup", "-D", BASE / "data", "-h", "/tmp", "-p", PORT, "-U", "postgres",
+                               "--repo", bs_repo, "-j", a.jobs, "--compress", "zstd:3"])
+            r = results["blockstream"]
+            r[0].append(secs), r[1].append(du(bs_repo) - before), r[2].append(rss)
+
+            before = du(BASE / "pgbr-repo")
+            secs, rss = timed(["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench", "--type=full", "backup"],
+                              user="postgres")
+            r = results["pgBackRest"]
+            r[0].append(secs), r[1].append(du(BASE / "pgbr-repo") - before), r[2].append(rss)
+
+            out = fresh_dir(BASE / f"basebackup-{rep}")
+            secs, rss = timed([PG_BIN / "pg_basebackup", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-D", out,
+                               "-Ft", "--compress=client-zstd:3", "-X", "fetch", "-c", "fast"], user="postgres")
+            r = results["pg_basebackup"]
+            r[0].append(secs), r[1].append(du(out)), r[2].append(rss)
+            shutil.rmtree(out)
+        for tool, (secs, size, rss) in results.items():
+            self.rows.append(("full backup", tool, secs, statistics.median(size), rss))
+
+    def restores(self):
+        a = self.a
+        results = {"blockstream": ([], [], [], []), "pgBackRest": ([], [], [], [])}
+        target = BASE / "restored"
+        for rep in range(a.reps):
+            print(f"restores, round {rep + 1}/{a.reps}", flush=True)
+            for tool in ("blockstream", "pgBackRest"):
+                self.stop(target)
+                fresh_dir(target)
+                target.chmod(0o700)
+                if tool == "blockstream":
+                    secs, rss = timed([BS, "restore", "--repo", BASE / "bs-repo", "-D", target, "-j", a.jobs,
+                                       "--target", "immediate"])
+                else:
+                    secs, rss = timed(["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench",
+                                       f"--pg1-path={target}", "--type=immediate", "--target-action=promote",
+                                       "restore"], user="postgres")
+                t = time.monotonic()
+                sh([PG_BIN / "pg_ctl", "-D", target, "-l", BASE / f"restored-{tool}.log", "-o",
+                    f"-p {RPORT} -c archive_mode=off", "-w", "-t", "600", "start"], user="postgres")
+                while psql(RPORT, "SELECT pg_is_in_recovery()") != "f":
+                    time.sleep(0.05)
+                recovery = time.monotonic() - t
+                count = psql(RPORT, "SELECT count(*) FROM pgbench_accounts")
+                assert int(count) == a.scale * 100000, f"{tool} restore holds {count} accounts"
+                self.stop(target)
+                r = results[tool]
+                r[0].append(secs), r[1].append(secs + recovery), r[2].append(rss), r[3].append(recovery)
+        for tool, (secs, total, rss, rec) in results.items():
+            self.rows.append(("restore", tool, secs, None, rss))
+            self.rows.append(("restore + recovery to a started cluster", tool, total, None, rss))
+
+    # --- report -------------------------------------------------------------
+    def report(self):
+        a = self.a
+        med = lambda xs: statistics.median(xs)
+        lines = [
+            f"## Full backup and restore, pgbench scale {a.scale} ({a.dataset} data), -j {a.jobs}",
+            "",
+            f"Database size {self.db_bytes / 2**20:.0f} MiB; median of {a.reps} interleaved runs; "
+            f"pgBackRest process-max={a.jobs}, zstd level 3; pg_basebackup -Ft --compress=client-zstd:3 -X fetch.",
+            "",
+            "| step | tool | wall s (median) | runs | repository bytes | peak RSS MiB | time vs blockstream |",
+            "|---|---|---:|---|---:|---:|---:|",
+        ]
+        base = {}
+        for step, tool, secs, size, rss in self.rows:
+            if tool == "blockstream":
+                base[step] = med(secs)
+        for step, tool, secs, size, rss in self.rows:
+            ratio = med(secs) / base[step] if base.get(step) else float("nan")
+            runs = " ".join(f"{s:.2f}" for s in secs)
+            size_s = f"{size / 2**20:.1f} MiB" if size is not None else ""
+            lines.append(f"| {step} | {tool} | {med(secs):.2f} | {runs} | {size_s} | {max(rss):.0f} | {ratio:.2f}x |")
+        lines.append("")
+        goals = []
+        b = {(s, t): med(x) for s, t, x, _, _ in self.rows}
+        if ("full backup", "pgBackRest") in b:
+            goals.append(f"- full backup: blockstream / pgBackRest = {b[('full backup','blockstream')] / b[('full backup','pgBackRest')]:.2f} (goal <= 0.30)")
+            goals.append(f"- full backup: blockstream / pg_basebackup = {b[('full backup','blockstream')] / b[('full backup','pg_basebackup')]:.2f} (goal <= 0.75)")
+        if ("restore", "pgBackRest") in b:
+            goals.append(f"- restore: blockstream / pgBackRest = {b[('restore','blockstream')] / b[('restore','pgBackRest')]:.2f} (goal <= 0.30)")
+            k = "restore + recovery to a started cluster"
+            goals.append(f"- restore to a started cluster: blockstream / pgBackRest = {b[(k,'blockstream')] / b[(k,'pgBackRest')]:.2f}")
+        return "\n".join(lines + goals) + "\n"
+
+
+def machine():
+    cpu = "?"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    pg = sh([PG_BIN / "postgres", "--version"], capture=True).strip()
+    pgbr = sh(["pgbackrest", "version"], capture=True).strip()
+    bs = sh([BS, "--version"], capture=True).strip()
+    return (f"Machine: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}; "
+            f"{pg}; {pgbr}; {bs}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=int, default=50)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dataset", choices=["pgbench", "random"], default="pgbench")
+    p.add_argument("--quick", action="store_true", help="scale 5, one run: keeps the harness from rotting")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    a = p.parse_args()
+    if a.quick:
+        a.scale, a.reps = 5, 1
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (clusters run as postgres)")
+    if not BS.exists():
+        sh(["cargo", "build", "--release", "-p", "blockstream"])
+    b = Bench(a)
+    try:
+        b.setup()
+        b.full_backups()
+        b.restores()
+        text = f"# Benchmarks\n\n{machine()}\n\n" + b.report()
+        print("\n" + text)
+        if not a.quick:
+            Path(a.out).write_text(text)
+            print(f"written to {a.out}")
+    finally:
+        b.stop(BASE / "restored")
+        b.stop(BASE / "data")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,8 @@ dir=/tmp/blocktrack-regress
 trap 'stop_cluster "$dir"' EXIT
 start_cluster "$dir" "$port"
 tests=("$@")
-((${#tests[@]})) || tests=($(ls sql | sed -n 's/\.sql$//p' | sort))
+# setup first (it creates the extensions), then the rest in name order.
+((${#tests[@]})) || tests=(setup $(ls sql | sed -n 's/\.sql$//p' | grep -vx setup | sort))
 rm -rf results regression.diffs regression.out
 mkdir -p results && chown postgres results . 
 status=0

@@ -27,6 +27,9 @@ rm -rf "$pgrx_data" && mkdir -p "$pgrx_data" && chown postgres "$pgrx_data"
 step "pg_regress (SQL surface)"
 bash regress/run.sh
 
+step "change tracking tests (real clusters, pg_walinspect as oracle)"
+cargo test --release -p blockstream --test tracking -- --test-threads=1
+
 step "end-to-end tests (real clusters)"
 cargo test --release -p blockstream --test e2e -- --test-threads=1
 

@@ -1,4 +1,12 @@
 -- pg_blocktrack: privileges, applied after every function exists.
--- Backups read the whole cluster: nothing is granted to PUBLIC.
-REVOKE ALL ON FUNCTION blocktrack.backup_start(text, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION blocktrack.backup_stop(boolean) FROM PUBLIC;
+-- Backups read the whole cluster and the tracker sees every change: nothing
+-- in schema blocktrack is granted to PUBLIC.
+DO $$
+DECLARE
+  f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p WHERE p.pronamespace = 'blocktrack'::regnamespace LOOP
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+  END LOOP;
+END
+$$;

@@ -6,10 +6,21 @@
 //! revoked from PUBLIC (`sql/finalize.sql`).
 
 use pgrx::prelude::*;
+use pgrx::AnyNumeric;
 
 mod backup_session;
 mod errors;
+mod guc;
 mod pglsn;
+mod slot;
+mod status;
+mod summarizer;
+mod tracking;
+mod wal_records;
+
+use std::time::Duration;
+
+use blockstream::lsn::Lsn;
 
 pub use pglsn::PgLsn;
 
@@ -27,14 +38,41 @@ pub extern "C-unwind" fn _PG_init() {
             Some("add pg_blocktrack to shared_preload_libraries in postgresql.conf and restart the server"),
         );
     }
+    guc::register();
+    status::init();
+    summarizer::register();
+}
+
+fn not_null<T>(v: Option<T>, name: &str) -> T {
+    v.unwrap_or_else(|| {
+        errors::raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, format!("{name} must not be NULL"), None)
+    })
+}
+
+fn timeout_ms(ms: i32) -> Duration {
+    if ms < 0 {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("wait_timeout_ms must not be negative, got {ms}"),
+            None,
+        );
+    }
+    Duration::from_millis(ms as u64)
 }
 
 /// Starts an online backup in this session (PostgreSQL's `pg_backup_start`)
-/// and holds WAL from its start with a temporary replication slot.
+/// and holds WAL from its start with a temporary replication slot. With a
+/// parent (its start LSN and timeline), waits up to `wait_timeout_ms` for the
+/// summaries to reach this backup's start and says whether an incremental
+/// backup on that parent is possible, and why not.
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
 fn backup_start(
     label: Option<&str>,
-    fast: default!(bool, true),
+    fast: default!(Option<bool>, true),
+    parent_start_lsn: default!(Option<PgLsn>, "NULL"),
+    parent_tli: default!(Option<i32>, "NULL"),
+    wait_timeout_ms: default!(Option<i32>, 60000),
 ) -> TableIterator<
     'static,
     (
@@ -43,23 +81,225 @@ fn backup_start(
         name!(system_identifier, AnyNumeric),
         name!(data_checksums, bool),
         name!(slot_name, String),
+        name!(incremental_ok, bool),
+        name!(reason, Option<String>),
     ),
 > {
+    let fast = not_null(fast, "fast");
+    let timeout = timeout_ms(not_null(wait_timeout_ms, "wait_timeout_ms"));
+    if parent_tli.is_some_and(|t| t < 1) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("parent_tli must be a timeline (1 or more), got {}", parent_tli.unwrap()),
+            None,
+        );
+    }
     let s = backup_session::start(label, fast);
-    TableIterator::once((s.start_lsn, s.start_tli, s.system_identifier, s.data_checksums, s.slot_name))
+    // From here on the backup runs: report problems as rows, never as errors.
+    let (ok, reason) = tracking::incremental_check(
+        parent_start_lsn.map(Lsn::from),
+        parent_tli.map(|t| t as u32),
+        Lsn::from(s.start_lsn),
+        s.start_tli as u32,
+        timeout,
+    );
+    TableIterator::once((
+        s.start_lsn,
+        s.start_tli,
+        s.system_identifier,
+        s.data_checksums,
+        s.slot_name,
+        ok,
+        (!ok).then_some(reason),
+    ))
 }
 
 /// Stops the backup of this session; returns what the backup needs besides
 /// the data files: the stop LSN, `backup_label` and `tablespace_map`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn backup_stop(
-    wait_for_archive: default!(bool, false),
+    wait_for_archive: default!(Option<bool>, false),
 ) -> TableIterator<
     'static,
     (name!(stop_lsn, PgLsn), name!(stop_tli, i32), name!(labelfile, String), name!(spcmapfile, String)),
 > {
-    let s = backup_session::stop(wait_for_archive);
+    let s = backup_session::stop(not_null(wait_for_archive, "wait_for_archive"));
     TableIterator::once((s.stop_lsn, s.stop_tli, s.labelfile, s.spcmapfile))
+}
+
+/// The summarizer's state: positions, lag, slot, memory, last error.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn status() -> TableIterator<
+    'static,
+    (
+        name!(enabled, bool),
+        name!(worker_pid, Option<i32>),
+        name!(system_identifier, AnyNumeric),
+        name!(timeline, i32),
+        name!(summarized_lsn, PgLsn),
+        name!(pending_lsn, PgLsn),
+        name!(flush_lsn, PgLsn),
+        name!(lag_bytes, i64),
+        name!(valid_since_lsn, PgLsn),
+        name!(oldest_summary_lsn, Option<PgLsn>),
+        name!(summaries, i64),
+        name!(slot_name, String),
+        name!(slot_restart_lsn, Option<PgLsn>),
+        name!(memory_bytes, i64),
+        name!(peak_memory_bytes, i64),
+        name!(records, i64),
+        name!(last_error, Option<String>),
+    ),
+> {
+    let st = *status::STATUS.share();
+    let files = blockstream::blkref::list_summaries(&summarizer::summaries_dir()).unwrap_or_default();
+    let slot = guc::slot_name();
+    let restart = match slot::inspect(&slot) {
+        slot::SlotState::Holding(l) => Some(PgLsn::from(l)),
+        _ => None,
+    };
+    let flush = tracking::flush_lsn();
+    // SAFETY: a plain read of the control data.
+    let sysid = unsafe { pg_sys::GetSystemIdentifier() };
+    TableIterator::once((
+        guc::ENABLED.get(),
+        (st.pid != 0).then_some(st.pid),
+        AnyNumeric::from(sysid),
+        st.timeline as i32,
+        PgLsn(st.summarized_lsn),
+        PgLsn(st.pending_lsn),
+        flush.into(),
+        flush.0.saturating_sub(st.summarized_lsn) as i64,
+        PgLsn(st.valid_since),
+        files.first().map(|f| f.start.into()),
+        files.len() as i64,
+        slot,
+        restart,
+        st.table_memory as i64,
+        st.peak_table_memory as i64,
+        st.records as i64,
+        st.error(),
+    ))
+}
+
+/// The summary files, oldest first; `is_gap` marks ranges whose changes are unknown.
+#[pg_extern(volatile, parallel_safe)]
+fn summaries() -> TableIterator<
+    'static,
+    (
+        name!(tli, i32),
+        name!(start_lsn, PgLsn),
+        name!(end_lsn, PgLsn),
+        name!(is_gap, bool),
+        name!(relations, i64),
+        name!(bytes, i64),
+    ),
+> {
+    let files = blockstream::blkref::list_summaries(&summarizer::summaries_dir())
+        .unwrap_or_else(|e| errors::raise(PgSqlErrorCode::ERRCODE_IO_ERROR, e.to_string(), None));
+    let rows: Vec<_> = files
+        .into_iter()
+        .filter_map(|f| {
+            // A file removed by the summarizer since the listing is skipped.
+            let (h, t) = blockstream::blkref::read_summary(&f.path).ok()?;
+            Some((f.timeline as i32, h.start.into(), h.end.into(), h.gap, t.len() as i64, f.bytes as i64))
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Waits (up to `wait_timeout_ms`) until summaries cover WAL up to `until_lsn`
+/// (default: the current end of WAL), asking the summarizer to write one now.
+/// Returns the LSN the summaries reach.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flush_summary(until_lsn: default!(Option<PgLsn>, "NULL"), wait_timeout_ms: default!(Option<i32>, 60000)) -> PgLsn {
+    let timeout = timeout_ms(not_null(wait_timeout_ms, "wait_timeout_ms"));
+    let flush = tracking::flush_lsn();
+    let until = until_lsn.map(Lsn::from).unwrap_or(flush);
+    if until > flush {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("until_lsn {until} is in the future: WAL ends at {flush}"),
+            None,
+        );
+    }
+    match tracking::wait_for_summary(until, timeout) {
+        Ok(l) => l.into(),
+        Err(why) => errors::raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, why, None),
+    }
+}
+
+/// The blocks changed from `since_lsn` to `until_lsn`, one row per relation
+/// segment file (blocks relative to the segment, as little-endian u32s).
+/// `limit_block` is the fork's limit: blocks at or past it have no older copy,
+/// so segments at or past it are copied in full (`full_copy`), also those
+/// without a row. A row whose relfilenode is NULL stands for a whole database
+/// (CREATE or DROP DATABASE in the range): copy that directory in full.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn changed_blocks(
+    since_lsn: Option<PgLsn>,
+    until_lsn: Option<PgLsn>,
+    since_tli: default!(Option<i32>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(path, String),
+        name!(spcoid, pg_sys::Oid),
+        name!(dboid, pg_sys::Oid),
+        name!(relfilenode, Option<pg_sys::Oid>),
+        name!(forknum, i16),
+        name!(segno, i32),
+        name!(limit_block, Option<i64>),
+        name!(full_copy, bool),
+        name!(nblocks, i32),
+        name!(blocks, Vec<u8>),
+    ),
+> {
+    let (since, until) = tracking::check_range(since_lsn.map(Lsn::from), until_lsn.map(Lsn::from));
+    let timeline = status::STATUS.share().timeline;
+    if let Some(t) = since_tli {
+        if t as u32 != timeline {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("since_tli {t} is not the timeline the summaries follow ({timeline})"),
+                None,
+            );
+        }
+    }
+    if let Err(why) = tracking::wait_for_summary(until, Duration::from_secs(60)) {
+        errors::raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, why, None);
+    }
+    let (table, _) = tracking::changes_between(since, until, timeline).unwrap_or_else(|why| {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("changed blocks from {since} to {until} are not known: {why}"),
+            Some("take a full backup"),
+        )
+    });
+    let rows: Vec<_> = tracking::segment_rows(&table)
+        .into_iter()
+        .map(|r| {
+            let mut bytes = Vec::with_capacity(r.blocks.len() * 4);
+            for b in &r.blocks {
+                bytes.extend_from_slice(&b.to_le_bytes());
+            }
+            (
+                r.path,
+                pg_sys::Oid::from(r.spc),
+                pg_sys::Oid::from(r.db),
+                (r.rel != 0).then(|| pg_sys::Oid::from(r.rel)),
+                r.fork as i16,
+                r.segno as i32,
+                r.limit_block.map(i64::from),
+                r.full_copy,
+                r.blocks.len() as i32,
+                bytes,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -1,5 +1,4 @@
 -- The backup session functions: argument checks, order checks, privileges.
-CREATE EXTENSION pg_blocktrack;
 
 -- try(query): the SQLSTATE and message of the error a query raises.
 CREATE FUNCTION pg_temp.try(query text) RETURNS text LANGUAGE plpgsql AS $$
@@ -24,6 +23,8 @@ SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start(E'two\nlines')$$);
 SELECT start_lsn > '0/0' AS has_lsn, start_tli, data_checksums,
        system_identifier = (SELECT system_identifier FROM pg_control_system()) AS same_system
   FROM blocktrack.backup_start('regress', fast => true);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_stop(NULL)$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start('x', NULL)$$);
 SELECT slot_name LIKE 'blocktrack_backup_%' AS ours, temporary, slot_type, restart_lsn IS NOT NULL AS holds_wal
   FROM pg_replication_slots WHERE active_pid = pg_backend_pid();
 SELECT * FROM blocktrack.backup_start('again');

@@ -10,12 +10,14 @@
 //! - [`manifest`] owns `manifest.json`, the only proof that a backup exists;
 //! - [`repo`] owns the repository layout, its identity file and its lock;
 //! - [`backup`] and [`restore`] are the two commands built on top;
-//! - [`verify`] checks stored chunks against their digests.
+//! - [`verify`] checks stored chunks against their digests;
+//! - [`blkref`] owns the changed-block summaries pg_blocktrack writes.
 //!
 //! The engine never talks to PostgreSQL itself: [`backup::BackupSession`] is
 //! implemented by the command line (over libpq) and by the extension (over SPI).
 
 pub mod backup;
+pub mod blkref;
 pub mod codec;
 pub mod copy;
 pub mod error;

@@ -109,10 +109,16 @@ impl Cluster {
     }
 
     pub fn start(&self) {
+        self.start_with("")
+    }
+
+    /// Starts with extra server options (`-b` for binary-upgrade mode, say).
+    pub fn start_with(&self, extra: &str) {
         let mut c = as_postgres("pg_ctl");
         c.args(["-D"]).arg(&self.data).args(["-l"]).arg(&self.log).args(["-w", "-t", "120"]);
-        if !self.options.is_empty() {
-            c.args(["-o", &self.options]);
+        let options = format!("{} {extra}", self.options);
+        if !options.trim().is_empty() {
+            c.args(["-o", options.trim()]);
         }
         let out = run(c.arg("start"));
         if !out.status.success() {

@@ -1,0 +1,220 @@
+//! What the SQL functions ask of the tracker: its status, its summaries, the
+//! blocks changed between two LSNs, waiting for summaries to reach an LSN, and
+//! whether an incremental backup can build on a parent.
+
+use std::time::{Duration, Instant};
+
+use blockstream::blkref::{
+    covering, list_summaries, read_summary, BlockRefTable, SummaryFile, MAIN_FORK, RELSEG_BLOCKS,
+};
+use blockstream::lsn::Lsn;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::raise;
+use crate::status::{wake_summarizer, STATUS};
+use crate::summarizer::summaries_dir;
+
+/// `PG_15_<catalog version>`: the directory a tablespace holds for this server.
+pub fn tablespace_dir() -> String {
+    format!("PG_{}_{}", pg_sys::PG_VERSION_NUM / 10000, pg_sys::CATALOG_VERSION_NO)
+}
+
+pub fn flush_lsn() -> Lsn {
+    // SAFETY: plain reads of shared state; on a standby the replay position.
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            Lsn(pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()))
+        } else {
+            Lsn(pg_sys::GetFlushRecPtr(std::ptr::null_mut()))
+        }
+    }
+}
+
+/// Asks the summarizer for a summary ending at or after `lsn` and waits for
+/// it, up to `timeout`. Err says how far it got and why.
+pub fn wait_for_summary(lsn: Lsn, timeout: Duration) -> Result<Lsn, String> {
+    {
+        let mut st = STATUS.exclusive();
+        if Lsn(st.summarized_lsn) >= lsn {
+            return Ok(Lsn(st.summarized_lsn));
+        }
+        st.flush_request = st.flush_request.max(lsn.0);
+    }
+    wake_summarizer();
+    let began = Instant::now();
+    loop {
+        let (summarized, pid, err) = {
+            let st = STATUS.share();
+            (Lsn(st.summarized_lsn), st.pid, st.error())
+        };
+        if summarized >= lsn {
+            return Ok(summarized);
+        }
+        if began.elapsed() >= timeout {
+            let why = if pid == 0 {
+                match err {
+                    Some(e) => format!(" (the summarizer is not running; its last error: {e})"),
+                    None => " (the summarizer is not running)".to_string(),
+                }
+            } else {
+                String::new()
+            };
+            return Err(format!(
+                "WAL is summarized up to {summarized}, not yet to {lsn}, after {} ms{why}",
+                timeout.as_millis()
+            ));
+        }
+        // SAFETY: waiting on our own latch, as any backend may.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                20,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        check_for_interrupts!();
+    }
+}
+
+/// Merged changes over `[since, until)` on `timeline`, or why they are not known.
+pub fn changes_between(since: Lsn, until: Lsn, timeline: u32) -> Result<(BlockRefTable, Vec<SummaryFile>), String> {
+    let (valid_since, sysid) = {
+        let st = STATUS.share();
+        // SAFETY: a plain read of the control data.
+        (Lsn(st.valid_since), unsafe { pg_sys::GetSystemIdentifier() })
+    };
+    if since < valid_since {
+        return Err(format!("changes are tracked without a gap only since {valid_since}, after {since}"));
+    }
+    let files = list_summaries(&summaries_dir()).map_err(|e| e.to_string())?;
+    let chosen = covering(&files, timeline, since, until)?;
+    let mut merged = BlockRefTable::default();
+    for f in &chosen {
+        let (h, t) = read_summary(&f.path).map_err(|e| e.to_string())?;
+        if h.gap {
+            return Err(format!("changes between {} and {} are unknown (a tracking gap)", h.start, h.end));
+        }
+        if h.system_identifier != sysid {
+            return Err(format!(
+                "summary \"{}\" belongs to system {}, not {sysid}",
+                f.path.display(),
+                h.system_identifier
+            ));
+        }
+        merged.merge(&t);
+    }
+    Ok((merged, chosen))
+}
+
+/// Whether an incremental backup starting at `start` can build on a parent
+/// that started at `parent_start` on `parent_tli`; the reason when not.
+pub fn incremental_check(
+    parent_start: Option<Lsn>,
+    parent_tli: Option<u32>,
+    start: Lsn,
+    start_tli: u32,
+    timeout: Duration,
+) -> (bool, String) {
+    let Some(parent_start) = parent_start else {
+        return (false, "no parent backup given".into());
+    };
+    if let Some(t) = parent_tli {
+        if t != start_tli {
+            return (false, format!("the parent backup is on timeline {t}, the server on {start_tli}"));
+        }
+    }
+    if parent_start > start {
+        return (false, format!("the parent backup starts at {parent_start}, after this backup's start {start}"));
+    }
+    if let Err(why) = wait_for_summary(start, timeout) {
+        return (false, why);
+    }
+    match changes_between(parent_start, start, start_tli) {
+        Ok(_) => (true, String::new()),
+        Err(why) => (false, why),
+    }
+}
+
+/// One row of changed_blocks().
+pub struct SegmentChanges {
+    pub path: String,
+    pub spc: u32,
+    pub db: u32,
+    pub rel: u32,
+    pub fork: u8,
+    pub segno: u32,
+    pub limit_block: Option<u32>,
+    pub full_copy: bool,
+    pub blocks: Vec<u32>,
+}
+
+/// Rows per segment file: blocks relative to the segment; `limit_block` is the
+/// fork's limit (an absolute block number); `full_copy` when the segment
+/// starts at or past the limit. Segments past the limit that have no row must
+/// be copied in full too. A whole-database entry is one row with relfilenode 0.
+pub fn segment_rows(table: &BlockRefTable) -> Vec<SegmentChanges> {
+    let tsdir = tablespace_dir();
+    let mut rows = Vec::new();
+    for (k, c) in table.sorted() {
+        if k.is_database() {
+            rows.push(SegmentChanges {
+                path: k.path(0, &tsdir),
+                spc: k.spc,
+                db: k.db,
+                rel: 0,
+                fork: MAIN_FORK,
+                segno: 0,
+                limit_block: Some(0),
+                full_copy: true,
+                blocks: Vec::new(),
+            });
+            continue;
+        }
+        let mut per_seg: std::collections::BTreeMap<u32, Vec<u32>> = std::collections::BTreeMap::new();
+        for b in c.blocks.iter() {
+            per_seg.entry(b / RELSEG_BLOCKS).or_default().push(b % RELSEG_BLOCKS);
+        }
+        if let Some(l) = c.limit {
+            per_seg.entry(l / RELSEG_BLOCKS).or_default();
+        }
+        for (segno, blocks) in per_seg {
+            rows.push(SegmentChanges {
+                path: k.path(segno, &tsdir),
+                spc: k.spc,
+                db: k.db,
+                rel: k.rel,
+                fork: k.fork,
+                segno,
+                limit_block: c.limit,
+                full_copy: c.limit.is_some_and(|l| l <= segno * RELSEG_BLOCKS),
+                blocks,
+            });
+        }
+    }
+    rows
+}
+
+pub fn check_range(since: Option<Lsn>, until: Option<Lsn>) -> (Lsn, Lsn) {
+    let (Some(since), Some(until)) = (since, until) else {
+        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "since_lsn and until_lsn must not be NULL", None);
+    };
+    if since > until {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("since_lsn {since} is after until_lsn {until}"),
+            Some("give the older LSN first"),
+        );
+    }
+    let flush = flush_lsn();
+    if until > flush {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("until_lsn {until} is in the future: WAL ends at {flush}"),
+            None,
+        );
+    }
+    (since, until)
+}

@@ -1,0 +1,55 @@
+-- Change tracking: status, summaries, changed_blocks, flush_summary, and the
+-- incremental check of backup_start. LSNs in messages vary: try() masks them.
+CREATE FUNCTION pg_temp.try(query text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+  EXECUTE query;
+  RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+  RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM, '[0-9A-F]+/[0-9A-F]+', 'X/X', 'g');
+END $$;
+
+SELECT enabled, worker_pid IS NOT NULL AS running, timeline, slot_name,
+       slot_restart_lsn <= summarized_lsn AS slot_holds_unsummarized_wal, last_error
+  FROM blocktrack.status();
+SELECT blocktrack.flush_summary() >= lsn AS reached FROM pg_current_wal_flush_lsn() lsn;
+SELECT count(*) > 0 AS has_summaries, bool_or(is_gap) AS any_gap,
+       bool_and(end_lsn >= start_lsn) AS ordered FROM blocktrack.summaries();
+
+-- A table and two summary boundaries around changes to it.
+CREATE TABLE tracked (id int, v text);
+SELECT blocktrack.flush_summary() AS a \gset
+INSERT INTO tracked SELECT g, repeat('t', 100) FROM generate_series(1, 1000) g;
+SELECT blocktrack.flush_summary() AS b \gset
+SELECT path = pg_relation_filepath('tracked') AS right_file, forknum, segno, limit_block, full_copy,
+       nblocks = pg_relation_size('tracked') / 8192 AS every_block, length(blocks) = 4 * nblocks AS u32_each
+  FROM blocktrack.changed_blocks(:'a', :'b') WHERE relfilenode = pg_relation_filenode('tracked');
+-- The same blocks WAL references (pg_walinspect), for this table's main fork.
+SELECT count(DISTINCT substring(block_ref FROM 'blk ([0-9]+)')) = pg_relation_size('tracked') / 8192 AS matches_wal
+  FROM pg_get_wal_records_info(:'a', :'b')
+ WHERE block_ref LIKE '%/' || pg_relation_filenode('tracked') || ' fork main%';
+SELECT count(*) AS rows_for_an_empty_range FROM blocktrack.changed_blocks(:'b', :'b');
+
+-- Argument errors.
+SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks(NULL, '0/1')$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/2', NULL)$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/2', '0/1')$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/1', 'FFFFFFFF/0')$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/1', pg_current_wal_flush_lsn())$$);
+SELECT pg_temp.try(format($$SELECT * FROM blocktrack.changed_blocks(%L, %L, 99)$$, :'a', :'b'));
+SELECT pg_temp.try($$SELECT blocktrack.flush_summary('FFFFFFFF/0')$$);
+SELECT pg_temp.try($$SELECT blocktrack.flush_summary(NULL, -1)$$);
+SELECT pg_temp.try($$SELECT blocktrack.flush_summary(NULL, NULL)$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start('x', true, NULL, NULL, NULL)$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 0)$$);
+SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 1, -5)$$);
+
+-- backup_start says whether an incremental on a parent is possible, and why not.
+SELECT incremental_ok, reason FROM blocktrack.backup_start('no parent');
+SELECT stop_tli FROM blocktrack.backup_stop();
+SELECT incremental_ok, reason FROM blocktrack.backup_start('tracked parent', true, :'a', 1);
+SELECT stop_tli FROM blocktrack.backup_stop();
+SELECT incremental_ok, regexp_replace(reason, '[0-9A-F]+/[0-9A-F]+', 'X/X', 'g') AS reason
+  FROM blocktrack.backup_start('untracked parent', true, '0/1', 1);
+SELECT stop_tli FROM blocktrack.backup_stop();
+SELECT incremental_ok, reason FROM blocktrack.backup_start('other timeline', true, :'a', 2);
+SELECT stop_tli FROM blocktrack.backup_stop();

@@ -203,6 +203,46 @@ pg1-socket-path=/tmp
             self.rows.append(("restore", tool, secs, None, rss))
             self.rows.append(("restore + recovery to a started cluster", tool, total, None, rss))
 
+    def set_tracking(self, on):
+        psql(PORT, f"ALTER SYSTEM SET blocktrack.enabled = {'on' if on else 'off'}")
+        psql(PORT, "SELECT pg_reload_conf()")
+        want = "t" if on else "f"
+        for _ in range(300):
+            if psql(PORT, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_blocktrack') = 1") == want:
+                return
+            time.sleep(0.1)
+        sys.exit(f"bench: tracking did not turn {'on' if on else 'off'}")
+
+    def tracking_overhead(self):
+        """pgbench TPS with the summarizer on and off, alternating; WAL and summary volume, lag, memory."""
+        a = self.a
+        tps = {True: [], False: []}
+        self.tracking = {}
+        order = [False, True] * a.reps
+        for i, on in enumerate(order):
+            self.set_tracking(on)
+            psql(PORT, "CHECKPOINT")
+            print(f"pgbench -c 2 -T {a.tps_seconds}, tracking {'on' if on else 'off'} ({i + 1}/{len(order)})", flush=True)
+            wal0 = psql(PORT, "SELECT pg_current_wal_lsn()")
+            sum0 = psql(PORT, "SELECT coalesce(sum(bytes), 0) FROM blocktrack.summaries()") if on else "0"
+            out = sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-n", "-c", "2", "-T",
+                      a.tps_seconds, "postgres"], capture=True)
+            tps[on].append(float(out.split("tps = ")[1].split()[0]))
+            if on:
+                lag = int(psql(PORT, "SELECT pg_current_wal_flush_lsn() - pending_lsn FROM blocktrack.status()"))
+                wal = int(psql(PORT, f"SELECT pg_current_wal_lsn() - '{wal0}'"))
+                psql(PORT, "SELECT blocktrack.flush_summary()")
+                summ = int(psql(PORT, "SELECT coalesce(sum(bytes), 0) FROM blocktrack.summaries()")) - int(sum0)
+                pid = psql(PORT, "SELECT worker_pid FROM blocktrack.status()")
+                hwm = 0
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        hwm = int(line.split()[1]) / 1024
+                peak = int(psql(PORT, "SELECT peak_memory_bytes FROM blocktrack.status()"))
+                self.tracking = {"lag": lag, "wal": wal, "summary": summ, "hwm": hwm, "table": peak}
+        self.set_tracking(True)
+        self.tps = tps
+
     # --- report -------------------------------------------------------------
     def report(self):
         a = self.a
@@ -235,6 +275,25 @@ pg1-socket-path=/tmp
             goals.append(f"- restore: blockstream / pgBackRest = {b[('restore','blockstream')] / b[('restore','pgBackRest')]:.2f} (goal <= 0.30)")
             k = "restore + recovery to a started cluster"
             goals.append(f"- restore to a started cluster: blockstream / pgBackRest = {b[(k,'blockstream')] / b[(k,'pgBackRest')]:.2f}")
+        if getattr(self, "tps", None):
+            on, off = med(self.tps[True]), med(self.tps[False])
+            t = self.tracking
+            lines2 = [
+                "",
+                f"## Tracking overhead: pgbench -c 2 -T {a.tps_seconds}, scale {a.scale}, summarizer on vs off (alternating)",
+                "",
+                "| tracking | TPS (median) | runs |",
+                "|---|---:|---|",
+                f"| off | {off:.0f} | {' '.join(f'{x:.0f}' for x in self.tps[False])} |",
+                f"| on | {on:.0f} | {' '.join(f'{x:.0f}' for x in self.tps[True])} |",
+                "",
+                f"- TPS cost of tracking: {100 * (off - on) / off:.1f}% (goal <= 3%)",
+                f"- summary bytes per GB of WAL: {t['summary'] / max(t['wal'], 1) * 2**30 / 2**20:.2f} MiB "
+                f"({t['summary']} bytes for {t['wal'] / 2**20:.0f} MiB of WAL in the last run)",
+                f"- summarizer lag when pgbench stopped: {t['lag']} bytes",
+                f"- summarizer peak RSS (VmHWM): {t['hwm']:.1f} MiB; peak block-table memory: {t['table'] / 2**20:.2f} MiB",
+            ]
+            return "\n".join(lines + goals + lines2) + "\n"
         return "\n".join(lines + goals) + "\n"
 
 
@@ -258,11 +317,14 @@ def main():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dataset", choices=["pgbench", "random"], default="pgbench")
+    p.add_argument("--tps-seconds", type=int, default=60, help="pgbench duration for the tracking overhead runs")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: full,restore,tracking")
     p.add_argument("--quick", action="store_true", help="scale 5, one run: keeps the harness from rotting")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     a = p.parse_args()
     if a.quick:
-        a.scale, a.reps = 5, 1
+        a.scale, a.reps, a.tps_seconds = 5, 1, 3
+    skip = set(a.skip.split(",")) if a.skip else set()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (clusters run as postgres)")
     if not BS.exists():
@@ -270,8 +332,12 @@ def main():
     b = Bench(a)
     try:
         b.setup()
-        b.full_backups()
-        b.restores()
+        if "full" not in skip:
+            b.full_backups()
+        if "restore" not in skip and "full" not in skip:
+            b.restores()
+        if "tracking" not in skip:
+            b.tracking_overhead()
         text = f"# Benchmarks\n\n{machine()}\n\n" + b.report()
         print("\n" + text)
         if not a.quick:

@@ -12,12 +12,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use crate::copy::{copy_pieces, pieces_of, CopyConfig, CopyOutcome};
+use crate::copy::{copy_pieces, CopyConfig, CopyOutcome, Piece};
 use crate::error::{Error, Result};
 use crate::hash::{file_digest, to_hex, Digest};
 use crate::lsn::Lsn;
-use crate::manifest::{fsync_dir, BackupType, FileEntry, Manifest, Stats, StreamEntry, FORMAT, VERSION};
+use crate::manifest::{
+    fsync_dir, piece_layout, BackupType, FileEntry, Incremental, Manifest, Stats, StreamEntry, FORMAT, VERSION,
+};
 use crate::pgdata::{self, SourceFile};
+use crate::plan::{ChangeSet, ChangedSegment, FileCopy, Planner};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::stream::StreamWriter;
@@ -29,6 +32,7 @@ pub struct ServerInfo {
     pub system_identifier: u64,
     pub pg_version_num: u32,
     pub wal_segment_size: u64,
+    pub block_size: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -37,6 +41,9 @@ pub struct StartInfo {
     pub timeline: u32,
     pub system_identifier: u64,
     pub data_checksums: bool,
+    /// Whether the changed blocks since the parent (when one was given) are known.
+    pub incremental_ok: bool,
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -51,8 +58,24 @@ pub struct StopInfo {
 /// one session, over libpq (the CLI) or SPI (the extension).
 pub trait BackupSession {
     fn server_info(&mut self) -> Result<ServerInfo>;
-    fn start(&mut self, label: &str, fast: bool) -> Result<StartInfo>;
+    /// Starts the backup; with a parent (its start LSN and timeline), also says
+    /// whether the blocks changed since then are known.
+    fn start(&mut self, label: &str, fast: bool, parent: Option<(Lsn, u32)>) -> Result<StartInfo>;
+    /// The blocks changed from `since` to `until` (`blocktrack.changed_blocks`).
+    fn changed_blocks(&mut self, since: Lsn, until: Lsn, timeline: u32) -> Result<Vec<ChangedSegment>>;
     fn stop(&mut self) -> Result<StopInfo>;
+}
+
+/// What kind of backup was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackupMode {
+    Full,
+    /// Blocks changed since the latest backup.
+    Incr,
+    /// Blocks changed since the latest full backup.
+    Diff,
+    /// Incremental when the chain can continue, full otherwise.
+    Auto,
 }
 
 #[derive(Clone, Debug)]
@@ -63,6 +86,9 @@ pub struct BackupOptions {
     pub copy: CopyConfig,
     pub label: Option<String>,
     pub fast: bool,
+    pub mode: BackupMode,
+    /// Fail instead of falling back to a full backup.
+    pub no_fallback: bool,
 }
 
 /// Takes a full online backup of the cluster behind `session` into the repository.
@@ -84,15 +110,57 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let repo = Repo::open_or_create(&opts.repo, server.system_identifier, server.pg_version_num)?;
     let lock = repo.lock()?;
     repo.remove_incomplete(&lock)?;
-    let id = repo.new_backup_id(BackupType::Full, &lock)?;
-    let dir = repo.backup_dir(&id);
-    fs::create_dir(&dir).map_err(Error::io("create backup directory", &dir))?;
 
-    let label = opts.label.clone().unwrap_or_else(|| format!("blockstream {id}"));
+    // The parent, when an incremental or differential backup is asked for.
+    let mut full_reason = None;
+    let parent = match opts.mode {
+        BackupMode::Full => None,
+        mode => match find_parent(&repo, mode)? {
+            Ok(p) => Some(p),
+            Err(why) => {
+                full_reason = Some(why);
+                None
+            }
+        },
+    };
+    if let (Some(why), true) = (&full_reason, opts.no_fallback) {
+        return Err(Error::Conflict(format!("an incremental backup is not possible: {why}")));
+    }
+
+    let label = opts.label.clone().unwrap_or_else(|| "blockstream".to_string());
     progress.start_phase("checkpoint", 0);
     let t = Instant::now();
-    let start = session.start(&label, opts.fast)?;
+    let start = session.start(&label, opts.fast, parent.as_ref().map(|p| (p.start_lsn, p.timeline)))?;
     let mut server_secs = t.elapsed().as_secs_f64();
+    let parent = match parent {
+        Some(p) if start.incremental_ok => Some(p),
+        Some(p) => {
+            let why = format!(
+                "the blocks changed since backup {} are not known: {}",
+                p.backup_id,
+                start.reason.clone().unwrap_or_default()
+            );
+            if opts.no_fallback {
+                return Err(Error::Conflict(format!("an incremental backup is not possible: {why}")));
+            }
+            full_reason = Some(why);
+            None
+        }
+        None => None,
+    };
+    let changes = match &parent {
+        Some(p) => Some(ChangeSet::new(session.changed_blocks(p.start_lsn, start.start_lsn, p.timeline)?)),
+        None => None,
+    };
+    let backup_type = match (&parent, opts.mode) {
+        (None, _) => BackupType::Full,
+        (Some(_), BackupMode::Diff) => BackupType::Diff,
+        (Some(_), _) => BackupType::Incr,
+    };
+    let id = repo.new_backup_id(backup_type, &lock)?;
+    let dir = repo.backup_dir(&id);
+    fs::create_dir(&dir).map_err(Error::io("create backup directory", &dir))?;
+    let label = if opts.label.is_some() { label } else { format!("blockstream {id}") };
     let start_time = timefmt::iso8601(SystemTime::now());
     if start.system_identifier != server.system_identifier {
         return Err(Error::Server(format!(
@@ -112,15 +180,33 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
 
     let mut writers = (0..opts.jobs).map(|i| StreamWriter::create(&dir, i as u16, &id)).collect::<Result<Vec<_>>>()?;
 
+    // What to copy of each file: all of it, or the blocks changed since the parent.
+    let mut copies: Vec<Option<Incremental>> = vec![None; files.len()];
+    let mut stats = Stats::default();
+    if let (Some(p), Some(changes)) = (&parent, &changes) {
+        let planner = Planner::new(p, changes);
+        for (i, f) in files.iter().enumerate() {
+            if let FileCopy::Blocks(inc) = planner.plan(f) {
+                stats.incremental_files += 1;
+                stats.trackable_blocks += f.size.div_ceil(server.block_size as u64);
+                stats.changed_blocks += inc.stored_blocks();
+                copies[i] = Some(inc);
+            }
+        }
+    }
+    let layout = |i: usize, files: &[SourceFile], copies: &[Option<Incremental>]| {
+        piece_layout(files[i].size, copies[i].as_ref(), opts.copy.piece_size, server.block_size as u64)
+    };
+
     // Largest files first, so the last pieces handed out are small ones.
     let mut order: Vec<usize> = (0..files.len()).filter(|&i| i != control_idx).collect();
     order.sort_by(|&a, &b| files[b].size.cmp(&files[a].size).then(a.cmp(&b)));
-    let pieces = pieces_of(&files, order.into_iter(), opts.copy.piece_size);
-    let data_bytes: u64 = files.iter().map(|f| f.size).sum();
+    let pieces: Vec<Piece> = order.iter().flat_map(|&i| pieces_for(i, &layout(i, &files, &copies))).collect();
+    let data_bytes: u64 = pieces.iter().map(|p| p.len).sum::<u64>() + files[control_idx].size;
     progress.start_phase("copy", data_bytes);
     let mut outcome = copy_pieces(&files, pieces, &mut writers, &opts.copy, progress)?;
     // pg_control goes last, after every other file has been read.
-    let pieces = pieces_of(&files, std::iter::once(control_idx), opts.copy.piece_size);
+    let pieces = pieces_for(control_idx, &layout(control_idx, &files, &copies));
     outcome.merge(copy_pieces(&files, pieces, &mut writers[..1], &opts.copy, progress)?);
 
     progress.start_phase("stop", 0);
@@ -138,7 +224,8 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let first_wal = files.len();
     let wal_bytes: u64 = wal.iter().map(|f| f.size).sum();
     files.extend(wal);
-    let pieces = pieces_of(&files, first_wal..files.len(), opts.copy.piece_size);
+    copies.resize(files.len(), None);
+    let pieces: Vec<Piece> = (first_wal..files.len()).flat_map(|i| pieces_for(i, &layout(i, &files, &copies))).collect();
     progress.start_phase("wal", wal_bytes);
     let wal_outcome = copy_pieces(&files, pieces, &mut writers, &opts.copy, progress)?;
     if let Some(&v) = wal_outcome.vanished.first() {
@@ -153,7 +240,8 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         .into_iter()
         .map(|w| w.finish().map(|(name, bytes, chunks)| StreamEntry { name, bytes, chunks }))
         .collect::<Result<Vec<_>>>()?;
-    let entries = file_entries(&files, outcome, opts.copy.piece_size)?;
+    let layouts: Vec<usize> = (0..files.len()).map(|i| layout(i, &files, &copies).len()).collect();
+    let entries = file_entries(&files, copies, &layouts, outcome)?;
 
     write_durably(&dir.join("backup_label"), stop.backup_label.as_bytes())?;
     if !stop.tablespace_map.is_empty() {
@@ -163,12 +251,13 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let bytes_written: u64 = streams.iter().map(|s| s.bytes).sum();
     let duration = began.elapsed().as_secs_f64();
     let bytes_read = data_bytes + wal_bytes;
+    let files_count = files.len() as u64;
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
         backup_id: id,
-        backup_type: BackupType::Full,
-        parent: None,
+        backup_type,
+        parent: parent.as_ref().map(|p| p.backup_id.clone()),
         label,
         system_identifier: server.system_identifier,
         pg_version_num: server.pg_version_num,
@@ -181,6 +270,8 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         data_checksums: start.data_checksums,
         compression: opts.copy.compression,
         piece_size: opts.copy.piece_size,
+        block_size: server.block_size,
+        full_reason,
         data_directory: inv.data_directory,
         tablespaces: inv.tablespaces,
         directories: inv.dirs,
@@ -191,7 +282,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         stats: Stats {
             duration_secs: duration,
             server_secs,
-            files: files.len() as u64,
+            files: files_count,
             data_bytes,
             wal_bytes,
             bytes_read,
@@ -199,6 +290,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
             compression_ratio: bytes_read as f64 / bytes_written.max(1) as f64,
             throughput_mib_s: bytes_read as f64 / (1 << 20) as f64 / duration.max(1e-9),
             jobs: opts.jobs as u32,
+            ..stats
         },
     };
     manifest.validate()?;
@@ -208,9 +300,41 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     Ok(manifest)
 }
 
+/// The pieces of file `i` as copy work.
+fn pieces_for(i: usize, layout: &[(u64, u64)]) -> Vec<Piece> {
+    layout
+        .iter()
+        .enumerate()
+        .map(|(k, &(offset, len))| Piece { file: i as u32, index: k as u32, offset, len })
+        .collect()
+}
+
+/// The backup to build on: the latest one (incr, auto) or the latest full one
+/// (diff). The inner Err says why there is none.
+fn find_parent(repo: &Repo, mode: BackupMode) -> Result<std::result::Result<Manifest, String>> {
+    let ids = repo.backup_ids()?;
+    for id in ids.iter().rev() {
+        let m = repo.load_manifest(id)?;
+        if mode == BackupMode::Diff && m.backup_type != BackupType::Full {
+            continue;
+        }
+        return Ok(Ok(m));
+    }
+    Ok(Err(if mode == BackupMode::Diff {
+        "the repository holds no full backup to build on".to_string()
+    } else {
+        "the repository holds no backup to build on".to_string()
+    }))
+}
+
 /// Manifest entries from what the copy saw: digests assembled in piece order,
 /// chunk locations, truncation and disappearance flags.
-fn file_entries(files: &[SourceFile], outcome: CopyOutcome, piece_size: u64) -> Result<Vec<FileEntry>> {
+fn file_entries(
+    files: &[SourceFile],
+    copies: Vec<Option<Incremental>>,
+    layouts: &[usize],
+    outcome: CopyOutcome,
+) -> Result<Vec<FileEntry>> {
     let mut pieces: Vec<Vec<(u32, Digest)>> = vec![Vec::new(); files.len()];
     for (f, i, d) in outcome.digests {
         pieces[f as usize].push((i, d));
@@ -226,7 +350,7 @@ fn file_entries(files: &[SourceFile], outcome: CopyOutcome, piece_size: u64) -> 
         let mut p = std::mem::take(&mut pieces[i]);
         p.sort_by_key(|(idx, _)| *idx);
         let is_vanished = vanished.contains(&(i as u32));
-        let expected = f.size.div_ceil(piece_size) as usize;
+        let expected = layouts[i];
         if !is_vanished && (p.len() != expected || p.iter().enumerate().any(|(k, (idx, _))| k as u32 != *idx)) {
             return Err(Error::Corrupt(format!("copy of \"{}\" produced {} of its {expected} pieces", f.rel, p.len())));
         }
@@ -242,6 +366,7 @@ fn file_entries(files: &[SourceFile], outcome: CopyOutcome, piece_size: u64) -> 
             truncated: truncated.contains(&(i as u32)),
             vanished: is_vanished,
             chunks: std::mem::take(&mut chunks[i]).into_iter().collect(),
+            incremental: copies[i].clone(),
         });
     }
     Ok(entries)

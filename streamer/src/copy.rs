@@ -94,23 +94,6 @@ impl CopyOutcome {
     }
 }
 
-/// Cuts files into pieces; empty files get no piece.
-pub fn pieces_of(files: &[SourceFile], which: impl Iterator<Item = usize>, piece_size: u64) -> Vec<Piece> {
-    let mut out = Vec::new();
-    for i in which {
-        let size = files[i].size;
-        let mut offset = 0;
-        let mut index = 0;
-        while offset < size {
-            let len = piece_size.min(size - offset);
-            out.push(Piece { file: i as u32, index, offset, len });
-            offset += len;
-            index += 1;
-        }
-    }
-    out
-}
-
 /// Copies `pieces` of `files` into the streams, one thread per writer.
 pub fn copy_pieces(
     files: &[SourceFile],

@@ -4,12 +4,14 @@
 //!
 //! - [`pgdata`] lists what a data directory holds and what a backup must skip;
 //! - [`guard`] maps live data files for reading and survives concurrent truncation;
+//! - [`plan`] decides what an incremental backup copies of each file;
 //! - [`copy`] spreads the pieces of those files over N parallel streams
 //!   (read → hash → compress → write, one thread per stream);
 //! - [`stream`] owns the bytes of a stream file and of the chunks inside it;
 //! - [`manifest`] owns `manifest.json`, the only proof that a backup exists;
 //! - [`repo`] owns the repository layout, its identity file and its lock;
-//! - [`backup`] and [`restore`] are the two commands built on top;
+//! - [`backup`] and [`restore`] are the two commands built on top, [`chain`]
+//!   resolves which backup of a chain each restored block comes from;
 //! - [`verify`] checks stored chunks against their digests;
 //! - [`blkref`] owns the changed-block summaries pg_blocktrack writes.
 //!
@@ -18,6 +20,7 @@
 
 pub mod backup;
 pub mod blkref;
+pub mod chain;
 pub mod codec;
 pub mod copy;
 pub mod error;
@@ -26,6 +29,7 @@ pub mod hash;
 pub mod lsn;
 pub mod manifest;
 pub mod pgdata;
+pub mod plan;
 pub mod progress;
 pub mod repo;
 pub mod restore;

@@ -64,6 +64,12 @@ pub struct Manifest {
     pub compression: Compression,
     /// Bytes per piece of the two-level file digest (see [`crate::hash`]).
     pub piece_size: u64,
+    /// PostgreSQL's block size (BLCKSZ): the unit of incremental copies.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// Why a full backup was taken when an incremental one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
     /// Mode and owner of the data directory itself.
     pub data_directory: Owner,
     pub tablespaces: Vec<Tablespace>,
@@ -118,8 +124,68 @@ pub struct FileEntry {
     /// backup); WAL replay removes it too, so restore does not create it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub vanished: bool,
-    /// Where its bytes live: (stream, chunk) pairs in file order.
+    /// Where its bytes live: (stream, chunk) pairs.
     pub chunks: Vec<(u16, u32)>,
+    /// Present when only some blocks are stored: the others come from the
+    /// parent chain. Absent: the whole file is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<Incremental>,
+}
+
+/// The blocks an incremental backup stores of a file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incremental {
+    /// Blocks at or past this one (counted from the start of the file) never
+    /// come from an older backup: they are stored here, or are zeros.
+    pub limit_block: u32,
+    /// Stored blocks as (first block, count) runs, ascending, not overlapping.
+    pub runs: Vec<(u32, u32)>,
+}
+
+impl Incremental {
+    pub fn stored_blocks(&self) -> u64 {
+        self.runs.iter().map(|&(_, n)| n as u64).sum()
+    }
+
+    pub fn holds(&self, block: u32) -> bool {
+        let i = self.runs.partition_point(|&(s, _)| s <= block);
+        i > 0 && {
+            let (s, n) = self.runs[i - 1];
+            block < s + n
+        }
+    }
+}
+
+/// (offset, length) of every piece a backup stores of a file, in order: the
+/// whole file cut every `piece_size` bytes, or each run of stored blocks cut
+/// the same way. Copy, restore and verify all derive pieces from this.
+pub fn piece_layout(size: u64, incremental: Option<&Incremental>, piece_size: u64, block_size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut cut = |from: u64, to: u64| {
+        let mut at = from;
+        while at < to {
+            let len = piece_size.min(to - at);
+            out.push((at, len));
+            at += len;
+        }
+    };
+    match incremental {
+        None => cut(0, size),
+        Some(inc) => {
+            for &(start, count) in &inc.runs {
+                let from = start as u64 * block_size;
+                let to = ((start as u64 + count as u64) * block_size).min(size);
+                cut(from, to);
+            }
+        }
+    }
+    out
+}
+
+impl FileEntry {
+    pub fn pieces(&self, piece_size: u64, block_size: u64) -> Vec<(u64, u64)> {
+        piece_layout(self.size, self.incremental.as_ref(), piece_size, block_size)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,10 +218,22 @@ pub struct Stats {
     pub compression_ratio: f64,
     pub throughput_mib_s: f64,
     pub jobs: u32,
+    /// Main-fork segment files of an incremental backup, their blocks, and
+    /// how many of those blocks it stored.
+    #[serde(default)]
+    pub incremental_files: u64,
+    #[serde(default)]
+    pub trackable_blocks: u64,
+    #[serde(default)]
+    pub changed_blocks: u64,
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn default_block_size() -> u32 {
+    8192
 }
 
 /// A path from a manifest is safe when it is relative, non-empty and has no
@@ -194,8 +272,17 @@ impl Manifest {
                 self.backup_id, self.format, self.version
             )));
         }
-        if self.piece_size == 0 {
-            return Err(Error::Corrupt(format!("manifest of backup {} has piece_size 0", self.backup_id)));
+        if self.piece_size == 0 || self.block_size == 0 || self.piece_size % self.block_size as u64 != 0 {
+            return Err(Error::Corrupt(format!(
+                "manifest of backup {} has piece_size {} and block_size {}: pieces must be whole blocks",
+                self.backup_id, self.piece_size, self.block_size
+            )));
+        }
+        if (self.backup_type == BackupType::Full) != self.parent.is_none() {
+            return Err(Error::Corrupt(format!(
+                "manifest of backup {} is of type {:?} with parent {:?}",
+                self.backup_id, self.backup_type, self.parent
+            )));
         }
         for (i, s) in self.streams.iter().enumerate() {
             if s.name != stream_file_name(i) {
@@ -215,6 +302,25 @@ impl Manifest {
             check_relative_path(&f.path)?;
             if !seen.insert(f.path.as_str()) {
                 return Err(Error::Corrupt(format!("manifest lists file \"{}\" twice", f.path)));
+            }
+            if let Some(inc) = &f.incremental {
+                let blocks = f.size.div_ceil(self.block_size as u64);
+                let mut end = 0u64;
+                for &(start, count) in &inc.runs {
+                    if count == 0 || (start as u64) < end || start as u64 + count as u64 > blocks {
+                        return Err(Error::Corrupt(format!(
+                            "manifest gives \"{}\" the block run ({start}, {count}), out of order or past its {blocks} blocks",
+                            f.path
+                        )));
+                    }
+                    end = start as u64 + count as u64;
+                }
+                if self.parent.is_none() {
+                    return Err(Error::Corrupt(format!(
+                        "manifest of full backup {} lists \"{}\" as incremental",
+                        self.backup_id, f.path
+                    )));
+                }
             }
             for &(s, c) in &f.chunks {
                 let ok = self.streams.get(s as usize).is_some_and(|st| (c as usize) < st.chunks.len());
@@ -325,6 +431,8 @@ pub(crate) mod tests {
             data_checksums: true,
             compression: Compression::Zstd { level: 3 },
             piece_size: 1 << 20,
+            block_size: 8192,
+            full_reason: None,
             data_directory: Owner { mode: 0o700, uid: 1, gid: 1 },
             tablespaces: vec![],
             directories: vec![DirEntry { path: "base".into(), mode: 0o700, uid: 1, gid: 1 }],
@@ -339,6 +447,7 @@ pub(crate) mod tests {
                 truncated: false,
                 vanished: false,
                 chunks: vec![(0, 0)],
+                incremental: None,
             }],
             streams: vec![StreamEntry {
                 name: "stream-00.bsz".into(),
@@ -362,6 +471,20 @@ pub(crate) mod tests {
         bad[i] = b'8';
         let err = Manifest::from_bytes(&bad, Path::new("m")).unwrap_err().to_string();
         assert!(err.contains("is damaged"), "{err}");
+    }
+
+    #[test]
+    fn piece_layouts() {
+        assert_eq!(piece_layout(0, None, 1 << 20, 8192), vec![]);
+        assert_eq!(piece_layout(3 << 20, None, 1 << 20, 8192).len(), 3);
+        assert_eq!(piece_layout((1 << 20) + 5, None, 1 << 20, 8192), vec![(0, 1 << 20), (1 << 20, 5)]);
+        let inc = Incremental { limit_block: 300, runs: vec![(0, 1), (5, 200), (299, 1)] };
+        assert_eq!(
+            piece_layout(300 * 8192, Some(&inc), 1 << 20, 8192),
+            vec![(0, 8192), (5 * 8192, 128 * 8192), (133 * 8192, 72 * 8192), (299 * 8192, 8192)]
+        );
+        assert!(inc.holds(0) && inc.holds(5) && inc.holds(204) && !inc.holds(205) && inc.holds(299) && !inc.holds(1));
+        assert_eq!(inc.stored_blocks(), 202);
     }
 
     #[test]

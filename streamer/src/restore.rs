@@ -10,6 +10,7 @@
 //! `recovery.signal` are written with what recovery needs to find WAL, and
 //! the file systems are synced.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{symlink, OpenOptionsExt};
@@ -25,7 +26,8 @@ use crate::manifest::{check_relative_path, FileEntry, Manifest};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::timefmt;
-use crate::verify::{check_chunks, check_file_digests, decode_chunks, Placed};
+use crate::chain::{load_chain, resolve, Take};
+use crate::verify::{check_chunks, check_file_digests, decode_chunks};
 
 /// Where recovery stops.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -57,6 +59,8 @@ pub struct RestoreOptions {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RestoreReport {
     pub backup_id: String,
+    /// The backups read, full backup first.
+    pub chain: Vec<String>,
     pub target: String,
     pub files: u64,
     pub bytes_restored: u64,
@@ -81,32 +85,79 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
     }
     let repo = Repo::open(&opts.repo)?;
     let id = repo.resolve(&opts.backup)?;
-    let m = repo.load_manifest(&id)?;
-    let dir = repo.backup_dir(&id);
-    let locations = map_tablespaces(&m, &opts.tablespace_map)?;
+    let chain = load_chain(&repo, &id)?;
+    let m = chain.last().expect("a chain holds at least its target");
+    let locations = map_tablespaces(m, &opts.tablespace_map)?;
+    let plan = resolve(&chain);
+    // Per backup of the chain: the chunks holding the files it contributes.
+    let needed: Vec<Vec<(u16, u32)>> = chain
+        .iter()
+        .zip(&plan)
+        .map(|(b, take)| {
+            let set: BTreeSet<(u16, u32)> =
+                take.keys().flat_map(|&fi| b.files[fi as usize].chunks.iter().copied()).collect();
+            set.into_iter().collect()
+        })
+        .collect();
 
     prepare_dir(&opts.target, opts.force, "target directory")?;
     for (_, loc) in &locations {
         prepare_dir(Path::new(loc), opts.force, "tablespace directory")?;
     }
 
-    // 1. Every chunk checked before a single byte is written.
+    // 1. Every chunk that will be used, checked before a single byte is written.
     let t = Instant::now();
-    let bytes_stored = check_chunks(&dir, &m, opts.jobs, progress)?;
+    let mut bytes_stored = 0;
+    for (b, chunks) in chain.iter().zip(&needed) {
+        bytes_stored += check_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks))?;
+    }
     let verify_secs = t.elapsed().as_secs_f64();
 
-    // 2. Layout, then data.
+    // 2. Layout, then data: each backup of the chain writes the blocks it holds newest.
     let t = Instant::now();
     let as_root = unsafe { libc::geteuid() } == 0;
-    create_layout(&opts.target, &m, &locations, as_root, opts.jobs)?;
+    create_layout(&opts.target, m, &locations, as_root, opts.jobs)?;
     let layout_secs = t.elapsed().as_secs_f64();
     let target = opts.target.as_path();
-    let digests = decode_chunks(&dir, &m, opts.jobs, progress, None, |p| write_record(target, p))?;
-    check_file_digests(&m, digests, None)?;
+    for ((b, take), chunks) in chain.iter().zip(&plan).zip(&needed) {
+        if chunks.is_empty() {
+            continue;
+        }
+        let bs = b.block_size as u64;
+        let digests =
+            decode_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks), |p| match take
+                .get(&p.file_index)
+            {
+                None => Ok(()),
+                Some(Take::All) => write_range(target, &p.file.path, p.record.offset, p.record.data),
+                Some(t) => {
+                    // The record's blocks this backup is the newest source of, in runs.
+                    let data = p.record.data;
+                    let first = p.record.offset / bs;
+                    let nblocks = (data.len() as u64).div_ceil(bs);
+                    let mut k = 0;
+                    while k < nblocks {
+                        if !t.takes((first + k) as u32) {
+                            k += 1;
+                            continue;
+                        }
+                        let run = k;
+                        while k < nblocks && t.takes((first + k) as u32) {
+                            k += 1;
+                        }
+                        let from = (run * bs) as usize;
+                        let to = ((k * bs) as usize).min(data.len());
+                        write_range(target, &p.file.path, p.record.offset + from as u64, &data[from..to])?;
+                    }
+                    Ok(())
+                }
+            })?;
+        check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)))?;
+    }
     let write_secs = t.elapsed().as_secs_f64() - layout_secs;
 
     // 3. What recovery needs.
-    write_recovery_files(&opts.target, &m, &locations, opts, as_root)?;
+    write_recovery_files(&opts.target, m, &locations, opts, as_root)?;
     let t = Instant::now();
     sync_filesystem(&opts.target)?;
     for (_, loc) in &locations {
@@ -117,6 +168,7 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
     let duration = began.elapsed().as_secs_f64();
     Ok(RestoreReport {
         backup_id: id,
+        chain: chain.iter().map(|b| b.backup_id.clone()).collect(),
         target: opts.target.display().to_string(),
         files: m.files.iter().filter(|f| !f.vanished).count() as u64,
         bytes_restored,
@@ -151,7 +203,7 @@ pub fn extract_file(repo: &Repo, id: &str, path: &str, dest: &Path) -> Result<()
         }
         Ok(())
     })?;
-    check_file_digests(&m, digests, Some(index))?;
+    check_file_digests(&m, digests, Some(&|fi| fi == index))?;
     out.sync_all().map_err(Error::io("fsync", dest))
 }
 
@@ -301,18 +353,18 @@ fn create_files(target: &Path, files: &[&FileEntry], as_root: bool) -> Result<()
     Ok(())
 }
 
-fn write_record(target: &Path, p: &Placed) -> Result<()> {
-    let data = p.record.data;
+/// Writes `data` at `offset` of the restored file `rel` through a memory map.
+fn write_range(target: &Path, rel: &str, offset: u64, data: &[u8]) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
-    let path = target.join(&p.file.path);
+    let path = target.join(rel);
     let file = OpenOptions::new().read(true).write(true).open(&path).map_err(Error::io("open", &path))?;
     // SAFETY: the file was created by this restore and sized with fallocate, so
     // every page of the range is backed by allocated blocks; no other process
-    // uses it, and no other thread maps this range (each record is one piece
-    // of one file, and pieces do not overlap).
-    let mut map = unsafe { MmapOptions::new().offset(p.record.offset).len(data.len()).map_mut(&file) }
+    // uses it, and no other thread maps this range (each block of a restored
+    // file has exactly one source, and the pieces of a backup do not overlap).
+    let mut map = unsafe { MmapOptions::new().offset(offset).len(data.len()).map_mut(&file) }
         .map_err(Error::io("map", &path))?;
     map.copy_from_slice(data);
     drop(map);
@@ -321,7 +373,7 @@ fn write_record(target: &Path, p: &Placed) -> Result<()> {
     unsafe {
         libc::sync_file_range(
             file.as_raw_fd(),
-            p.record.offset as libc::off64_t,
+            offset as libc::off64_t,
             data.len() as libc::off64_t,
             libc::SYNC_FILE_RANGE_WRITE,
         );

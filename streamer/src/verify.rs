@@ -123,11 +123,21 @@ fn for_each_chunk<T: Send + Default>(
 }
 
 /// Reads every chunk and checks its digest. Returns the stored bytes checked.
-pub fn check_chunks(dir: &Path, m: &Manifest, jobs: usize, progress: &Progress) -> Result<u64> {
-    let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.stored).sum();
+/// Only the chunks in `only`, when given.
+pub fn check_chunks(
+    dir: &Path,
+    m: &Manifest,
+    jobs: usize,
+    progress: &Progress,
+    only: Option<&[(u16, u32)]>,
+) -> Result<u64> {
+    let total: u64 = match only {
+        None => m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.stored).sum(),
+        Some(list) => list.iter().map(|&(s, c)| m.streams[s as usize].chunks[c as usize].stored).sum(),
+    };
     progress.start_phase("verify", total);
     let per_thread =
-        for_each_chunk(dir, m, jobs, progress, None, |reader, stream, chunk, bytes: &mut (u64, Vec<u8>)| {
+        for_each_chunk(dir, m, jobs, progress, only, |reader, stream, chunk, bytes: &mut (u64, Vec<u8>)| {
             let meta = &m.streams[stream as usize].chunks[chunk as usize];
             let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
             reader.read_chunk(meta, &mut bytes.1, &name)?;
@@ -166,6 +176,12 @@ pub fn decode_chunks(
 ) -> Result<Vec<(u32, u32, Digest)>> {
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.raw).sum();
     progress.start_phase("restore", total);
+    // Incremental files store runs of blocks: their pieces are looked up, not computed.
+    let layouts: Vec<Option<Vec<(u64, u64)>>> = m
+        .files
+        .iter()
+        .map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64)))
+        .collect();
     let per_thread = for_each_chunk(dir, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
         let meta = &m.streams[stream as usize].chunks[chunk as usize];
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
@@ -180,17 +196,22 @@ pub fn decode_chunks(
                     m.files.len()
                 ))
             })?;
-            let piece_len = if rec.offset < file.size { m.piece_size.min(file.size - rec.offset) } else { 0 };
-            if rec.offset % m.piece_size != 0 || rec.data.len() as u64 != piece_len {
+            let len = rec.data.len() as u64;
+            let piece = match &layouts[rec.file as usize] {
+                None => {
+                    let whole = rec.offset < file.size
+                        && rec.offset % m.piece_size == 0
+                        && len == m.piece_size.min(file.size - rec.offset);
+                    whole.then_some((rec.offset / m.piece_size) as u32)
+                }
+                Some(pieces) => pieces.binary_search(&(rec.offset, len)).ok().map(|k| k as u32),
+            };
+            let Some(piece) = piece else {
                 return Err(Error::Corrupt(format!(
-                    "{name}: record {i} for \"{}\" holds {} bytes at offset {}, which is not a piece of a {}-byte file",
-                    file.path,
-                    rec.data.len(),
-                    rec.offset,
-                    file.size
+                    "{name}: record {i} for \"{}\" holds {len} bytes at offset {}, which is not a piece this backup stores of that {}-byte file",
+                    file.path, rec.offset, file.size
                 )));
-            }
-            let piece = (rec.offset / m.piece_size) as u32;
+            };
             st.digests.push((rec.file, piece, sha256(rec.data)));
             if !file.vanished {
                 visit(&Placed { file, file_index: rec.file, piece, record: rec })?;
@@ -203,21 +224,25 @@ pub fn decode_chunks(
 }
 
 /// Compares the piece digests seen with each file's digest in the manifest
-/// (only for the files in `only`, when given).
-pub fn check_file_digests(m: &Manifest, digests: Vec<(u32, u32, Digest)>, only: Option<u32>) -> Result<()> {
+/// (only for the files `only` accepts, when given).
+pub fn check_file_digests(
+    m: &Manifest,
+    digests: Vec<(u32, u32, Digest)>,
+    only: Option<&dyn Fn(u32) -> bool>,
+) -> Result<()> {
     let mut per_file: Vec<Vec<(u32, Digest)>> = vec![Vec::new(); m.files.len()];
     for (f, p, d) in digests {
         per_file[f as usize].push((p, d));
     }
     for (i, (f, mut pieces)) in m.files.iter().zip(per_file).enumerate() {
-        if f.vanished || only.is_some_and(|o| o != i as u32) {
+        if f.vanished || only.is_some_and(|o| !o(i as u32)) {
             continue;
         }
         pieces.sort_by_key(|(p, _)| *p);
-        let expected = f.size.div_ceil(m.piece_size) as usize;
+        let expected = f.pieces(m.piece_size, m.block_size as u64).len();
         if pieces.len() != expected || pieces.iter().enumerate().any(|(k, (p, _))| k as u32 != *p) {
             return Err(Error::Corrupt(format!(
-                "backup {} holds {} of the {expected} pieces of \"{}\"",
+                "backup {} holds {} of the {expected} pieces it should store of \"{}\"",
                 m.backup_id,
                 pieces.len(),
                 f.path

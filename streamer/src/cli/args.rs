@@ -44,9 +44,9 @@ pub enum Output {
 pub enum BackupKind {
     /// Copy every file
     Full,
-    /// Only blocks changed since the latest backup (not yet available)
+    /// Only blocks changed since the latest backup
     Incr,
-    /// Only blocks changed since the latest full backup (not yet available)
+    /// Only blocks changed since the latest full backup
     Diff,
     /// Incremental when the chain can continue, full otherwise
     Auto,

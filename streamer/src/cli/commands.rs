@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use blockstream::backup::{run_backup, BackupOptions};
+use blockstream::backup::{run_backup, BackupMode, BackupOptions};
+use blockstream::chain::load_chain;
 use blockstream::copy::CopyConfig;
 use blockstream::manifest::Manifest;
 use blockstream::progress::Progress;
@@ -35,15 +36,14 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    match a.kind {
-        BackupKind::Full => {}
-        BackupKind::Incr | BackupKind::Diff if a.no_fallback => usage_error(format!(
-            "--type {} with --no-fallback: incremental and differential backups are not available yet",
-            if a.kind == BackupKind::Incr { "incr" } else { "diff" }
-        )),
-        BackupKind::Incr | BackupKind::Diff | BackupKind::Auto => {
-            eprintln!("blockstream: incremental backups are not available yet: taking a full backup");
-        }
+    let mode = match a.kind {
+        BackupKind::Full => BackupMode::Full,
+        BackupKind::Incr => BackupMode::Incr,
+        BackupKind::Diff => BackupMode::Diff,
+        BackupKind::Auto => BackupMode::Auto,
+    };
+    if a.no_fallback && mode == BackupMode::Full {
+        usage_error("--no-fallback needs --type incr, diff or auto");
     }
     let mut session = PgSession::connect(&a.conn)?;
     let pgdata = match a.pgdata.clone().or_else(|| std::env::var_os("PGDATA").map(PathBuf::from)) {
@@ -60,9 +60,14 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         copy: CopyConfig { compression: a.compress, max_rate: a.max_rate, ..CopyConfig::default() },
         label: a.label.clone(),
         fast: a.checkpoint == Checkpoint::Fast,
+        mode,
+        no_fallback: a.no_fallback,
     };
     let progress = Progress::default();
     let m = with_progress(a.progress, &progress, || run_backup(&opts, &mut session, &progress))?;
+    if let Some(why) = &m.full_reason {
+        eprintln!("blockstream: took a full backup: {why}");
+    }
     let s = &m.stats;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&backup_json(&m, &opts.repo))?),
@@ -74,6 +79,15 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
                 session.target(),
                 s.duration_secs
             );
+            if let Some(p) = &m.parent {
+                println!(
+                    "  builds on {p}: {} of {} blocks changed in {} incremental files ({:.2}%)",
+                    s.changed_blocks,
+                    s.trackable_blocks,
+                    s.incremental_files,
+                    100.0 * s.changed_blocks as f64 / s.trackable_blocks.max(1) as f64
+                );
+            }
             println!("  start {}  stop {}  timeline {}", m.start_lsn, m.stop_lsn, m.timeline);
             println!(
                 "  read    {} ({} data + {} WAL) in {} files",
@@ -119,6 +133,12 @@ fn backup_json(m: &Manifest, repo: &Path) -> serde_json::Value {
         "stop_time": m.stop_time,
         "compression": m.compression.to_string(),
         "streams": m.streams.len(),
+        "full_reason": m.full_reason,
+        "changed_share": if m.parent.is_some() {
+            json!(m.stats.changed_blocks as f64 / m.stats.trackable_blocks.max(1) as f64)
+        } else {
+            serde_json::Value::Null
+        },
         "stats": m.stats,
     })
 }
@@ -167,6 +187,9 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         Output::Text => {
             println!("restored backup {} into {} in {:.1} s", r.backup_id, r.target, r.duration_secs);
+            if r.chain.len() > 1 {
+                println!("  from the chain {}", r.chain.join(" <- "));
+            }
             println!(
                 "  {} in {} files from {} stored; {} threads, {:.1} MiB/s",
                 mib(r.bytes_restored),
@@ -221,21 +244,26 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 println!("  no backups yet");
             } else {
                 println!(
-                    "  {:<17} {:<5} {:<21} {:>8} {:>11} {:>11} {:>6}  {:<12} {:<12}",
-                    "backup", "type", "started", "seconds", "size", "stored", "ratio", "start lsn", "stop lsn"
+                    "  {:<17} {:<5} {:<17} {:<21} {:>8} {:>11} {:>11} {:>8}  {:<12} {:<12}",
+                    "backup", "type", "parent", "started", "seconds", "read", "stored", "changed", "start lsn", "stop lsn"
                 );
             }
             for (id, m) in &rows {
                 match m {
                     Ok(m) => println!(
-                        "  {:<17} {:<5} {:<21} {:>8.1} {:>11} {:>11} {:>5.2}x  {:<12} {:<12}",
+                        "  {:<17} {:<5} {:<17} {:<21} {:>8.1} {:>11} {:>11} {:>8}  {:<12} {:<12}",
                         id,
                         type_name(m),
+                        m.parent.as_deref().unwrap_or("-"),
                         m.start_time,
                         m.stats.duration_secs,
                         mib(m.stats.bytes_read),
                         mib(m.stats.bytes_written),
-                        m.stats.compression_ratio,
+                        if m.parent.is_some() {
+                            format!("{:.2}%", 100.0 * m.stats.changed_blocks as f64 / m.stats.trackable_blocks.max(1) as f64)
+                        } else {
+                            "all".to_string()
+                        },
                         m.start_lsn.to_string(),
                         m.stop_lsn.to_string()
                     ),
@@ -254,8 +282,9 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let progress = Progress::default();
     for id in &ids {
         let r = repo.load_manifest(id).and_then(|m| {
+            load_chain(&repo, id)?;
             let dir = repo.backup_dir(id);
-            let bytes = check_chunks(&dir, &m, a.jobs, &progress)?;
+            let bytes = check_chunks(&dir, &m, a.jobs, &progress, None)?;
             let digests = decode_chunks(&dir, &m, a.jobs, &progress, None, |_| Ok(()))?;
             check_file_digests(&m, digests, None)?;
             Ok((bytes, m.files.len()))

@@ -7,6 +7,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use blockstream::backup::{BackupSession, ServerInfo, StartInfo, StopInfo};
+use blockstream::lsn::Lsn;
+use blockstream::plan::ChangedSegment;
 use blockstream::{Error, Result};
 use postgres::config::Host;
 use postgres::{Client, Config, NoTls};
@@ -183,7 +185,8 @@ impl BackupSession for PgSession {
             .query_one(
                 "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
                         current_setting('server_version_num')::int4, \
-                        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')",
+                        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+                        current_setting('block_size')::int4",
                 &[],
             )
             .map_err(server_err("reading server settings", &target))?;
@@ -194,17 +197,20 @@ impl BackupSession for PgSession {
                 .map_err(|_| Error::Server(format!("server {target} reported system identifier \"{sysid}\"")))?,
             pg_version_num: row.get::<_, i32>(1) as u32,
             wal_segment_size: row.get::<_, i64>(2) as u64,
+            block_size: row.get::<_, i32>(3) as u32,
         })
     }
 
-    fn start(&mut self, label: &str, fast: bool) -> Result<StartInfo> {
+    fn start(&mut self, label: &str, fast: bool, parent: Option<(Lsn, u32)>) -> Result<StartInfo> {
         let target = self.target.clone();
+        let parent_lsn = parent.map(|(l, _)| l.to_string());
+        let parent_tli = parent.map(|(_, t)| t as i32);
         let row = self
             .client
             .query_one(
-                "SELECT start_lsn::text, start_tli, system_identifier::text, data_checksums \
-                 FROM blocktrack.backup_start($1, $2)",
-                &[&label, &fast],
+                "SELECT start_lsn::text, start_tli, system_identifier::text, data_checksums, incremental_ok, reason \
+                 FROM blocktrack.backup_start($1, $2, $3::text::pg_lsn, $4)",
+                &[&label, &fast, &parent_lsn, &parent_tli],
             )
             .map_err(server_err("blocktrack.backup_start", &target))?;
         let lsn: String = row.get(0);
@@ -216,7 +222,42 @@ impl BackupSession for PgSession {
                 .parse()
                 .map_err(|_| Error::Server(format!("backup_start returned system identifier \"{sysid}\"")))?,
             data_checksums: row.get(3),
+            incremental_ok: row.get(4),
+            reason: row.get(5),
         })
+    }
+
+    fn changed_blocks(&mut self, since: Lsn, until: Lsn, timeline: u32) -> Result<Vec<ChangedSegment>> {
+        let target = self.target.clone();
+        let rows = self
+            .client
+            .query(
+                "SELECT path, relfilenode::int8, forknum::int4, segno, limit_block, full_copy, blocks \
+                 FROM blocktrack.changed_blocks($1::text::pg_lsn, $2::text::pg_lsn, $3)",
+                &[&since.to_string(), &until.to_string(), &(timeline as i32)],
+            )
+            .map_err(server_err("blocktrack.changed_blocks", &target))?;
+        rows.iter()
+            .map(|r| {
+                let path: String = r.get(0);
+                let blocks: Vec<u8> = r.get(6);
+                if blocks.len() % 4 != 0 {
+                    return Err(Error::Server(format!(
+                        "changed_blocks returned {} bytes of blocks for \"{path}\", not a multiple of 4",
+                        blocks.len()
+                    )));
+                }
+                Ok(ChangedSegment {
+                    relfilenode: r.get::<_, Option<i64>>(1).map(|v| v as u32),
+                    fork: r.get::<_, i32>(2) as u8,
+                    segno: r.get::<_, i32>(3) as u32,
+                    limit_block: r.get::<_, Option<i64>>(4).map(|v| v as u32),
+                    full_copy: r.get(5),
+                    blocks: blocks.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    path,
+                })
+            })
+            .collect()
     }
 
     fn stop(&mut self) -> Result<StopInfo> {

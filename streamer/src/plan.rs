@@ -1,0 +1,236 @@
+//! What an incremental backup copies of each file: all of it, or the blocks
+//! that changed since its parent.
+//!
+//! Only main-fork segment files of relations that the parent backup holds can
+//! be incremental. Everything else is copied whole: files new since the
+//! parent, `_vm` and `_fsm` forks (the visibility map is not reliably
+//! WAL-logged, the FSM not at all), `_init` forks, non-relation files, files of
+//! a database created or dropped since the parent, segments at or past their
+//! fork's limit block, and files where more than 90% of the blocks changed.
+//!
+//! An incremental file stores the changed blocks plus every block from the
+//! limit block (if the fork was truncated or re-created in the range) to the
+//! end of the file, so a restore never takes a block at or past the limit
+//! from an older backup.
+
+use std::collections::HashMap;
+
+use crate::blkref::RELSEG_BLOCKS;
+use crate::manifest::{Incremental, Manifest};
+use crate::pgdata::SourceFile;
+
+/// One row of `blocktrack.changed_blocks`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangedSegment {
+    pub path: String,
+    /// None for a whole-database row.
+    pub relfilenode: Option<u32>,
+    pub fork: u8,
+    pub segno: u32,
+    /// The fork's limit block (absolute block number).
+    pub limit_block: Option<u32>,
+    pub full_copy: bool,
+    /// Changed blocks, relative to the segment.
+    pub blocks: Vec<u32>,
+}
+
+/// The changed-block rows, indexed for planning.
+#[derive(Debug, Default)]
+pub struct ChangeSet {
+    segments: HashMap<String, ChangedSegment>,
+    /// Limit block per relation fork, keyed by the path of its first segment.
+    limits: HashMap<String, u32>,
+    /// Database directories created or dropped in the range.
+    whole_dirs: Vec<String>,
+}
+
+impl ChangeSet {
+    pub fn new(rows: Vec<ChangedSegment>) -> ChangeSet {
+        let mut cs = ChangeSet::default();
+        for r in rows {
+            if r.relfilenode.is_none() {
+                cs.whole_dirs.push(format!("{}/", r.path));
+                continue;
+            }
+            if let Some(l) = r.limit_block {
+                let base = relation_base(&r.path).to_string();
+                let e = cs.limits.entry(base).or_insert(l);
+                *e = (*e).min(l);
+            }
+            cs.segments.insert(r.path.clone(), r);
+        }
+        cs
+    }
+}
+
+/// `base/5/16384.2` → `base/5/16384`.
+fn relation_base(path: &str) -> &str {
+    match path.rsplit_once('.') {
+        Some((base, seg)) if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => path,
+    }
+}
+
+/// The segment number of a main-fork relation segment file, or None for
+/// any other file.
+pub fn main_fork_segment(path: &str) -> Option<u32> {
+    let (dir, name) = path.rsplit_once('/')?;
+    let in_relation_dir = dir == "global"
+        || dir.strip_prefix("base/").is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+        || (dir.starts_with("pg_tblspc/") && dir.split('/').count() == 4);
+    if !in_relation_dir {
+        return None;
+    }
+    let (rel, seg) = match name.split_once('.') {
+        Some((r, s)) => (r, Some(s)),
+        None => (name, None),
+    };
+    if rel.is_empty() || !rel.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match seg {
+        None => Some(0),
+        Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
+        Some(_) => None,
+    }
+}
+
+/// How to copy one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileCopy {
+    Whole,
+    Blocks(Incremental),
+}
+
+/// Decides, for every file of the data directory, whether to copy it whole
+/// or only its changed blocks.
+pub struct Planner<'a> {
+    parent: HashMap<&'a str, u64>,
+    changes: &'a ChangeSet,
+    block_size: u64,
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(parent: &'a Manifest, changes: &'a ChangeSet) -> Planner<'a> {
+        Planner {
+            parent: parent.files.iter().filter(|f| !f.vanished).map(|f| (f.path.as_str(), f.size)).collect(),
+            changes,
+            block_size: parent.block_size as u64,
+        }
+    }
+
+    pub fn plan(&self, f: &SourceFile) -> FileCopy {
+        let Some(segno) = main_fork_segment(&f.rel) else { return FileCopy::Whole };
+        if !self.parent.contains_key(f.rel.as_str()) {
+            return FileCopy::Whole;
+        }
+        if self.changes.whole_dirs.iter().any(|d| f.rel.starts_with(d.as_str())) {
+            return FileCopy::Whole;
+        }
+        let seg_start = segno as u64 * RELSEG_BLOCKS as u64;
+        let limit = self.changes.limits.get(relation_base(&f.rel)).copied();
+        if limit.is_some_and(|l| l as u64 <= seg_start) {
+            return FileCopy::Whole;
+        }
+        if self.changes.segments.get(&f.rel).is_some_and(|r| r.full_copy) {
+            return FileCopy::Whole;
+        }
+        let blocks = f.size.div_ceil(self.block_size);
+        let limit_rel = limit.map_or(blocks, |l| (l as u64 - seg_start).min(blocks));
+        let mut stored: Vec<u32> = self
+            .changes
+            .segments
+            .get(&f.rel)
+            .map(|r| r.blocks.iter().copied().filter(|&b| (b as u64) < limit_rel).collect())
+            .unwrap_or_default();
+        stored.sort_unstable();
+        stored.dedup();
+        let tail = blocks - limit_rel;
+        if (stored.len() as u64 + tail) * 10 > blocks * 9 {
+            return FileCopy::Whole;
+        }
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for b in stored {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == b => *n += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        if tail > 0 {
+            runs.push((limit_rel as u32, tail as u32));
+        }
+        FileCopy::Blocks(Incremental { limit_block: limit_rel as u32, runs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::sample;
+
+    fn file(rel: &str, blocks: u64) -> SourceFile {
+        SourceFile { rel: rel.into(), abs: rel.into(), size: blocks * 8192, mode: 0o600, uid: 0, gid: 0, mtime: 0 }
+    }
+
+    fn parent_with(paths: &[&str]) -> Manifest {
+        let mut m = sample();
+        let proto = m.files[0].clone();
+        m.files = paths.iter().map(|p| crate::manifest::FileEntry { path: p.to_string(), ..proto.clone() }).collect();
+        m
+    }
+
+    fn seg(path: &str, rel: u32, segno: u32, limit: Option<u32>, blocks: Vec<u32>) -> ChangedSegment {
+        ChangedSegment {
+            path: path.into(),
+            relfilenode: Some(rel),
+            fork: 0,
+            segno,
+            limit_block: limit,
+            full_copy: limit.is_some_and(|l| l <= segno * RELSEG_BLOCKS),
+            blocks,
+        }
+    }
+
+    #[test]
+    fn recognizes_main_fork_segments() {
+        assert_eq!(main_fork_segment("base/5/16384"), Some(0));
+        assert_eq!(main_fork_segment("base/5/16384.3"), Some(3));
+        assert_eq!(main_fork_segment("global/1262"), Some(0));
+        assert_eq!(main_fork_segment("pg_tblspc/16400/PG_15_202209061/5/16401.1"), Some(1));
+        for other in ["base/5/16384_vm", "base/5/16384_fsm.1", "base/5/16384_init", "base/5/PG_VERSION", "pg_xact/0000", "base/5/pg_filenode.map", "pg_wal/000000010000000000000003"] {
+            assert_eq!(main_fork_segment(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn plans_each_kind_of_file() {
+        let parent = parent_with(&["base/5/100", "base/5/200", "base/5/300", "base/5/400", "base/5/500.1", "base/7/600", "base/5/100_vm"]);
+        let cs = ChangeSet::new(vec![
+            seg("base/5/100", 100, 0, None, vec![3, 1, 2, 9]),
+            seg("base/5/300", 300, 0, Some(50), vec![10]),
+            seg("base/5/400", 400, 0, Some(0), vec![]),
+            seg("base/5/500", 500, 0, Some(RELSEG_BLOCKS), vec![]),
+            ChangedSegment { path: "base/7".into(), relfilenode: None, fork: 0, segno: 0, limit_block: Some(0), full_copy: true, blocks: vec![] },
+        ]);
+        let p = Planner::new(&parent, &cs);
+        assert_eq!(
+            p.plan(&file("base/5/100", 100)),
+            FileCopy::Blocks(Incremental { limit_block: 100, runs: vec![(1, 3), (9, 1)] })
+        );
+        // Unchanged since the parent: nothing stored.
+        assert_eq!(p.plan(&file("base/5/200", 100)), FileCopy::Blocks(Incremental { limit_block: 100, runs: vec![] }));
+        // Truncated to 50 and grown again to 60: block 10 plus everything from the limit.
+        assert_eq!(
+            p.plan(&file("base/5/300", 60)),
+            FileCopy::Blocks(Incremental { limit_block: 50, runs: vec![(10, 1), (50, 10)] })
+        );
+        assert_eq!(p.plan(&file("base/5/400", 100)), FileCopy::Whole, "re-created fork");
+        assert_eq!(p.plan(&file("base/5/500.1", 100)), FileCopy::Whole, "segment at the limit");
+        assert_eq!(p.plan(&file("base/7/600", 100)), FileCopy::Whole, "database created since");
+        assert_eq!(p.plan(&file("base/5/999", 100)), FileCopy::Whole, "new since the parent");
+        assert_eq!(p.plan(&file("base/5/100_vm", 1)), FileCopy::Whole, "visibility map");
+        // Mostly changed: cheaper whole.
+        let cs = ChangeSet::new(vec![seg("base/5/100", 100, 0, None, (0..95).collect())]);
+        assert_eq!(Planner::new(&parent, &cs).plan(&file("base/5/100", 100)), FileCopy::Whole);
+    }
+}

@@ -33,4 +33,7 @@ cargo test --release -p blockstream --test tracking -- --test-threads=1
 step "end-to-end tests (real clusters)"
 cargo test --release -p blockstream --test e2e -- --test-threads=1
 
+step "incremental backup tests (real clusters)"
+cargo test --release -p blockstream --test incremental -- --test-threads=1
+
 step "all tests passed"

@@ -225,17 +225,36 @@ impl Summarizer {
                 }
                 slot::drop_if_exists(&slot);
                 let start = slot::create(&slot);
-                if let Some(p) = prior.filter(|p| p.timeline == timeline && p.resume_lsn < start) {
-                    // Make the lost range visible in summaries() and impossible to build on.
-                    let h = SummaryHeader { system_identifier, timeline, gap: true, start: p.resume_lsn, end: start };
-                    if let Err(e) = write_summary(&dir, &h, &BlockRefTable::default()) {
-                        error!("{e}");
+                // The new slot holds WAL from the redo pointer: when that is not
+                // past where the summaries end, nothing was lost.
+                let same_history = prior.filter(|p| {
+                    p.system_identifier == system_identifier && p.timeline == timeline && p.resume_lsn <= flush
+                });
+                match same_history {
+                    Some(p) if start <= p.resume_lsn => {
+                        log!("pg_blocktrack: {why}; the new slot holds WAL from {start}, no change is lost");
+                        (start, p.valid_since)
+                    }
+                    _ => {
+                        if let Some(p) = prior.filter(|p| p.timeline == timeline && p.resume_lsn < start) {
+                            // Make the lost range visible in summaries() and impossible to build on.
+                            let h = SummaryHeader {
+                                system_identifier,
+                                timeline,
+                                gap: true,
+                                start: p.resume_lsn,
+                                end: start,
+                            };
+                            if let Err(e) = write_summary(&dir, &h, &BlockRefTable::default()) {
+                                error!("{e}");
+                            }
+                        }
+                        if prior.is_some() {
+                            log!("pg_blocktrack: tracking restarts at {start}: {why}");
+                        }
+                        (start, start)
                     }
                 }
-                if prior.is_some() {
-                    log!("pg_blocktrack: tracking restarts at {start}: {why}");
-                }
-                (start, start)
             }
             (None, None) => unreachable!("no prior state is always a restart"),
         };

@@ -225,7 +225,8 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let wal_bytes: u64 = wal.iter().map(|f| f.size).sum();
     files.extend(wal);
     copies.resize(files.len(), None);
-    let pieces: Vec<Piece> = (first_wal..files.len()).flat_map(|i| pieces_for(i, &layout(i, &files, &copies))).collect();
+    let pieces: Vec<Piece> =
+        (first_wal..files.len()).flat_map(|i| pieces_for(i, &layout(i, &files, &copies))).collect();
     progress.start_phase("wal", wal_bytes);
     let wal_outcome = copy_pieces(&files, pieces, &mut writers, &opts.copy, progress)?;
     if let Some(&v) = wal_outcome.vanished.first() {

@@ -23,13 +23,13 @@ pub fn load_chain(repo: &Repo, id: &str) -> Result<Vec<Manifest>> {
         let child = chain.last().unwrap();
         let Some(parent) = child.parent.clone() else { break };
         if chain.len() > 10_000 || chain.iter().any(|m| m.backup_id == parent) {
-            return Err(Error::Corrupt(format!("backup {} has a parent chain that loops back to {parent}", child.backup_id)));
+            return Err(Error::Corrupt(format!(
+                "backup {} has a parent chain that loops back to {parent}",
+                child.backup_id
+            )));
         }
         let m = repo.load_manifest(&parent).map_err(|e| {
-            Error::Corrupt(format!(
-                "backup {} builds on backup {parent}, which cannot be used: {e}",
-                child.backup_id
-            ))
+            Error::Corrupt(format!("backup {} builds on backup {parent}, which cannot be used: {e}", child.backup_id))
         })?;
         if m.system_identifier != child.system_identifier || m.start_lsn > child.start_lsn {
             return Err(Error::Corrupt(format!(
@@ -133,7 +133,12 @@ mod tests {
         let proto = m.files[0].clone();
         m.files = files
             .into_iter()
-            .map(|(p, blocks, inc)| FileEntry { path: p.into(), size: blocks * 8192, incremental: inc, ..proto.clone() })
+            .map(|(p, blocks, inc)| FileEntry {
+                path: p.into(),
+                size: blocks * 8192,
+                incremental: inc,
+                ..proto.clone()
+            })
             .collect();
         m
     }
@@ -179,6 +184,6 @@ mod tests {
         assert_eq!(blocks(plan[0].get(&1)), vec![1, 2]);
         // c: whole in I1, nothing changed since.
         assert_eq!(blocks(plan[1].get(&2)), vec![0, 1, 2, 3]);
-        assert!(plan[0].get(&2).is_none());
+        assert!(!plan[0].contains_key(&2));
     }
 }

@@ -272,7 +272,7 @@ impl Manifest {
                 self.backup_id, self.format, self.version
             )));
         }
-        if self.piece_size == 0 || self.block_size == 0 || self.piece_size % self.block_size as u64 != 0 {
+        if self.piece_size == 0 || self.block_size == 0 || !self.piece_size.is_multiple_of(self.block_size as u64) {
             return Err(Error::Corrupt(format!(
                 "manifest of backup {} has piece_size {} and block_size {}: pieces must be whole blocks",
                 self.backup_id, self.piece_size, self.block_size

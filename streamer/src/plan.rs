@@ -197,20 +197,44 @@ mod tests {
         assert_eq!(main_fork_segment("base/5/16384.3"), Some(3));
         assert_eq!(main_fork_segment("global/1262"), Some(0));
         assert_eq!(main_fork_segment("pg_tblspc/16400/PG_15_202209061/5/16401.1"), Some(1));
-        for other in ["base/5/16384_vm", "base/5/16384_fsm.1", "base/5/16384_init", "base/5/PG_VERSION", "pg_xact/0000", "base/5/pg_filenode.map", "pg_wal/000000010000000000000003"] {
+        for other in [
+            "base/5/16384_vm",
+            "base/5/16384_fsm.1",
+            "base/5/16384_init",
+            "base/5/PG_VERSION",
+            "pg_xact/0000",
+            "base/5/pg_filenode.map",
+            "pg_wal/000000010000000000000003",
+        ] {
             assert_eq!(main_fork_segment(other), None, "{other}");
         }
     }
 
     #[test]
     fn plans_each_kind_of_file() {
-        let parent = parent_with(&["base/5/100", "base/5/200", "base/5/300", "base/5/400", "base/5/500.1", "base/7/600", "base/5/100_vm"]);
+        let parent = parent_with(&[
+            "base/5/100",
+            "base/5/200",
+            "base/5/300",
+            "base/5/400",
+            "base/5/500.1",
+            "base/7/600",
+            "base/5/100_vm",
+        ]);
         let cs = ChangeSet::new(vec![
             seg("base/5/100", 100, 0, None, vec![3, 1, 2, 9]),
             seg("base/5/300", 300, 0, Some(50), vec![10]),
             seg("base/5/400", 400, 0, Some(0), vec![]),
             seg("base/5/500", 500, 0, Some(RELSEG_BLOCKS), vec![]),
-            ChangedSegment { path: "base/7".into(), relfilenode: None, fork: 0, segno: 0, limit_block: Some(0), full_copy: true, blocks: vec![] },
+            ChangedSegment {
+                path: "base/7".into(),
+                relfilenode: None,
+                fork: 0,
+                segno: 0,
+                limit_block: Some(0),
+                full_copy: true,
+                blocks: vec![],
+            },
         ]);
         let p = Planner::new(&parent, &cs);
         assert_eq!(

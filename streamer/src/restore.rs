@@ -20,13 +20,13 @@ use std::time::{Instant, SystemTime};
 
 use memmap2::MmapOptions;
 
+use crate::chain::{load_chain, resolve, Take};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::manifest::{check_relative_path, FileEntry, Manifest};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::timefmt;
-use crate::chain::{load_chain, resolve, Take};
 use crate::verify::{check_chunks, check_file_digests, decode_chunks};
 
 /// Where recovery stops.
@@ -124,10 +124,8 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
             continue;
         }
         let bs = b.block_size as u64;
-        let digests =
-            decode_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks), |p| match take
-                .get(&p.file_index)
-            {
+        let digests = decode_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks), |p| {
+            match take.get(&p.file_index) {
                 None => Ok(()),
                 Some(Take::All) => write_range(target, &p.file.path, p.record.offset, p.record.data),
                 Some(t) => {
@@ -151,7 +149,8 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
                     }
                     Ok(())
                 }
-            })?;
+            }
+        })?;
         check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)))?;
     }
     let write_secs = t.elapsed().as_secs_f64() - layout_secs;
@@ -364,8 +363,8 @@ fn write_range(target: &Path, rel: &str, offset: u64, data: &[u8]) -> Result<()>
     // every page of the range is backed by allocated blocks; no other process
     // uses it, and no other thread maps this range (each block of a restored
     // file has exactly one source, and the pieces of a backup do not overlap).
-    let mut map = unsafe { MmapOptions::new().offset(offset).len(data.len()).map_mut(&file) }
-        .map_err(Error::io("map", &path))?;
+    let mut map =
+        unsafe { MmapOptions::new().offset(offset).len(data.len()).map_mut(&file) }.map_err(Error::io("map", &path))?;
     map.copy_from_slice(data);
     drop(map);
     // Start writeback now, so the final sync waits for little.

@@ -177,11 +177,8 @@ pub fn decode_chunks(
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.raw).sum();
     progress.start_phase("restore", total);
     // Incremental files store runs of blocks: their pieces are looked up, not computed.
-    let layouts: Vec<Option<Vec<(u64, u64)>>> = m
-        .files
-        .iter()
-        .map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64)))
-        .collect();
+    let layouts: Vec<Option<Vec<(u64, u64)>>> =
+        m.files.iter().map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64))).collect();
     let per_thread = for_each_chunk(dir, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
         let meta = &m.streams[stream as usize].chunks[chunk as usize];
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };

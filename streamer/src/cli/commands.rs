@@ -42,9 +42,6 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         BackupKind::Diff => BackupMode::Diff,
         BackupKind::Auto => BackupMode::Auto,
     };
-    if a.no_fallback && mode == BackupMode::Full {
-        usage_error("--no-fallback needs --type incr, diff or auto");
-    }
     let mut session = PgSession::connect(&a.conn)?;
     let pgdata = match a.pgdata.clone().or_else(|| std::env::var_os("PGDATA").map(PathBuf::from)) {
         Some(p) => p,
@@ -245,7 +242,16 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             } else {
                 println!(
                     "  {:<17} {:<5} {:<17} {:<21} {:>8} {:>11} {:>11} {:>8}  {:<12} {:<12}",
-                    "backup", "type", "parent", "started", "seconds", "read", "stored", "changed", "start lsn", "stop lsn"
+                    "backup",
+                    "type",
+                    "parent",
+                    "started",
+                    "seconds",
+                    "read",
+                    "stored",
+                    "changed",
+                    "start lsn",
+                    "stop lsn"
                 );
             }
             for (id, m) in &rows {
@@ -260,7 +266,10 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                         mib(m.stats.bytes_read),
                         mib(m.stats.bytes_written),
                         if m.parent.is_some() {
-                            format!("{:.2}%", 100.0 * m.stats.changed_blocks as f64 / m.stats.trackable_blocks.max(1) as f64)
+                            format!(
+                                "{:.2}%",
+                                100.0 * m.stats.changed_blocks as f64 / m.stats.trackable_blocks.max(1) as f64
+                            )
                         } else {
                             "all".to_string()
                         },

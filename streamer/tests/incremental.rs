@@ -1,0 +1,241 @@
+//! Incremental and differential backups on real clusters: a chain with a
+//! different change set before each backup, every backup restored and
+//! compared with the source as it was; load during every backup; a tracking
+//! gap that forces a full backup; a missing parent.
+//!
+//! Run as root with pg_blocktrack installed:
+//! `cargo test --release -p blockstream --test incremental -- --test-threads=1`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+fn source(base: &Path) -> Cluster {
+    let c = Cluster::init("source", base);
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack; CREATE EXTENSION pg_visibility; CREATE EXTENSION amcheck;");
+    c
+}
+
+/// pg_visibility finds no page whose visibility map bits lie, and amcheck
+/// finds no corrupt index or heap, in any database.
+fn assert_physically_sane(c: &Cluster, what: &str) {
+    for db in c.sql("postgres", "SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1").lines() {
+        c.sql(db, "CREATE EXTENSION IF NOT EXISTS pg_visibility");
+        let bad = c.sql(
+            db,
+            "SELECT (SELECT count(*) FROM pg_class c CROSS JOIN LATERAL pg_check_visible(c.oid) \
+                      WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p') \
+                 + (SELECT count(*) FROM pg_class c CROSS JOIN LATERAL pg_check_frozen(c.oid) \
+                      WHERE c.relkind IN ('r', 'm', 't') AND c.relpersistence = 'p')",
+        );
+        assert_eq!(bad, "0", "{what}: pg_visibility reports {bad} tuples in database {db}");
+    }
+    let amcheck = run(std::process::Command::new(pg_bin("pg_amcheck")).args(c.conn()).args([
+        "--all",
+        "--install-missing",
+        "--heapallindexed",
+    ]));
+    assert!(
+        amcheck.status.success() && amcheck.stdout.is_empty(),
+        "{what}: pg_amcheck reported problems:\n{}{}",
+        String::from_utf8_lossy(&amcheck.stdout),
+        String::from_utf8_lossy(&amcheck.stderr)
+    );
+}
+
+/// full → incr → incr → diff → incr, a different change set before each;
+/// every backup restores to exactly the source as it was.
+#[test]
+fn chain_of_incrementals_and_a_differential_restores_every_point() {
+    let base = scratch("chain");
+    let src = source(&base);
+    src.sql(
+        "postgres",
+        "CREATE TABLE will_change (id int PRIMARY KEY, v text);
+         CREATE TABLE will_grow (id int, v text);
+         CREATE TABLE will_shrink (id int, v text);
+         CREATE TABLE will_get_vacuumed (id int, v text);
+         CREATE TABLE will_get_dropped (id int, v text);
+         CREATE TABLE will_get_rewritten (id int PRIMARY KEY, v text);
+         INSERT INTO will_change SELECT g, repeat('c', 100) FROM generate_series(1, 40000) g;
+         INSERT INTO will_shrink SELECT g, repeat('s', 100) FROM generate_series(1, 40000) g;
+         INSERT INTO will_get_vacuumed SELECT g, repeat('v', 100) FROM generate_series(1, 40000) g;
+         INSERT INTO will_get_dropped SELECT g, repeat('d', 100) FROM generate_series(1, 20000) g;
+         INSERT INTO will_get_rewritten SELECT g, repeat('r', 100) FROM generate_series(1, 20000) g;",
+    );
+    src.sql("postgres", "VACUUM (FREEZE)");
+    let repo = base.join("repo");
+    let mut points = Vec::new();
+    let mut take = |kind: &str, expect: &str| {
+        let out = backup(&src, &repo, &["-j", "2", "--type", kind, "--no-fallback"]);
+        assert_eq!(out["type"], expect, "{out}");
+        points.push((out["backup_id"].as_str().unwrap().to_string(), src.dumpall(), out));
+    };
+    take("full", "full");
+
+    // 1: updates clear visibility bits of frozen pages; the table grows.
+    src.sql("postgres", "UPDATE will_change SET v = 'changed once' WHERE id % 50 = 0");
+    src.sql("postgres", "INSERT INTO will_grow SELECT g, repeat('g', 200) FROM generate_series(1, 30000) g");
+    take("incr", "incr");
+
+    // 2: VACUUM truncates one table, vacuums another, a table is dropped.
+    src.sql("postgres", "DELETE FROM will_shrink WHERE id > 5000");
+    src.sql("postgres", "VACUUM will_shrink");
+    src.sql("postgres", "DELETE FROM will_get_vacuumed WHERE id % 4 = 0");
+    src.sql("postgres", "VACUUM will_get_vacuumed");
+    src.sql("postgres", "DROP TABLE will_get_dropped");
+    take("incr", "incr");
+
+    // 3 (differential, on the full): a rewrite and a new database.
+    src.sql("postgres", "VACUUM FULL will_get_rewritten");
+    src.sql("postgres", "CREATE DATABASE newdb");
+    src.sql("newdb", "CREATE TABLE fresh AS SELECT g FROM generate_series(1, 10000) g");
+    take("diff", "diff");
+
+    // 4 (on the differential): TRUNCATE and refill, more growth.
+    src.sql("postgres", "TRUNCATE will_change");
+    src.sql("postgres", "INSERT INTO will_change SELECT g, 'refilled' FROM generate_series(1, 5000) g");
+    src.sql("postgres", "INSERT INTO will_grow SELECT g, 'more' FROM generate_series(1, 10000) g");
+    src.sql("postgres", "VACUUM will_grow");
+    take("incr", "incr");
+
+    // Parents: each incremental builds on the one before; the differential on the full.
+    let ids: Vec<&str> = points.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(points[1].2["parent"], ids[0]);
+    assert_eq!(points[2].2["parent"], ids[1]);
+    assert_eq!(points[3].2["parent"], ids[0]);
+    assert_eq!(points[4].2["parent"], ids[3]);
+    // Incrementals store a fraction of the blocks.
+    let share = points[1].2["changed_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 0.5, "changed share {share}");
+    bs_ok(&["verify", "--repo", repo.to_str().unwrap()]);
+
+    for (i, (id, dump, _)) in points.iter().enumerate() {
+        let name = format!("restored-{i}");
+        let restored = restore_and_start(&name, &repo, &base, 3, &["--backup", id]);
+        assert_same_dump(dump, &restored.dumpall(), &format!("restore of backup {i} ({id})"));
+        assert_physically_sane(&restored, &format!("restore of backup {i}"));
+        restored.stop();
+        let _ = std::fs::remove_dir_all(base.join(format!("{name}-data")));
+    }
+}
+
+/// pgbench runs during every backup of a chain and stops before its
+/// backup_stop: each restore equals the source at that point.
+#[test]
+fn chain_under_load_restores_every_point() {
+    let base = scratch("chainload");
+    let src = source(&base);
+    src.pgbench_init(10);
+    let repo = base.join("repo");
+    let mut points = Vec::new();
+    for (kind, rate) in [("full", "40M"), ("incr", "3M"), ("incr", "3M")] {
+        let mut pgbench = src.pgbench(&["-n", "-c", "2", "-T", "2"]);
+        let mut args: Vec<String> = vec!["backup".into(), "-D".into(), src.data.display().to_string()];
+        args.extend(src.conn());
+        args.extend(
+            [
+                "--repo",
+                repo.to_str().unwrap(),
+                "-j",
+                "2",
+                "--type",
+                kind,
+                "--no-fallback",
+                "--max-rate",
+                rate,
+                "--output",
+                "json",
+            ]
+            .map(String::from),
+        );
+        let mut child = blockstream().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        assert!(pgbench.wait().unwrap().success());
+        assert!(child.try_wait().unwrap().is_none(), "{kind}: pgbench must stop before backup_stop");
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{kind} backup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["type"], kind);
+        points.push((summary["backup_id"].as_str().unwrap().to_string(), src.dumpall()));
+    }
+    for (i, (id, dump)) in points.iter().enumerate() {
+        let restored = restore_and_start(&format!("restored-{i}"), &repo, &base, 2, &["--backup", id]);
+        assert_same_dump(dump, &restored.dumpall(), &format!("restore of backup {i} ({id})"));
+        restored.stop();
+    }
+}
+
+/// A gap in tracking: --type incr falls back to full and says why;
+/// --no-fallback refuses. A missing parent stops a restore, naming it.
+#[test]
+fn gap_forces_full_and_missing_parent_is_named() {
+    let base = scratch("fallback");
+    let src = source(&base);
+    src.pgbench_init(2);
+    let repo = base.join("repo");
+    let full = backup(&src, &repo, &["-j", "2"])["backup_id"].as_str().unwrap().to_string();
+
+    // Tracking off and on again: changes since the full backup are unknown.
+    src.sql("postgres", "ALTER SYSTEM SET blocktrack.enabled = off");
+    src.sql("postgres", "SELECT pg_reload_conf()");
+    let wait_slot = |present: bool| {
+        for _ in 0..100 {
+            let n = src.sql("postgres", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_blocktrack'");
+            if (n == "1") == present {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the slot did not {}", if present { "come back" } else { "go away" });
+    };
+    wait_slot(false);
+    // WAL moves on and a checkpoint moves the redo pointer past where tracking stopped.
+    src.sql("postgres", "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid < 1000");
+    src.sql("postgres", "SELECT pg_switch_wal()");
+    src.sql("postgres", "CHECKPOINT");
+    src.sql("postgres", "ALTER SYSTEM SET blocktrack.enabled = on");
+    src.sql("postgres", "SELECT pg_reload_conf()");
+    wait_slot(true);
+
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), src.data.display().to_string()];
+    args.extend(src.conn());
+    args.extend(["--repo", repo.to_str().unwrap(), "--type", "incr"].map(String::from));
+    let mut strict = args.clone();
+    strict.push("--no-fallback".into());
+    let (code, _, err) = bs(&strict.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("an incremental backup is not possible") && err.contains(&full), "{err}");
+    assert!(err.contains("without a gap only since"), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&bs_ok(&["info", "--repo", repo.to_str().unwrap(), "--output", "json"])).unwrap();
+    assert_eq!(info["backups"].as_array().unwrap().len(), 1, "the refused backup left nothing behind");
+
+    args.extend(["--output".into(), "json".into()]);
+    let (code, out, err) = bs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("took a full backup") && err.contains("without a gap only since"), "{err}");
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["type"], "full");
+    assert!(out["full_reason"].as_str().unwrap().contains(&full));
+
+    // Now an incremental on that full backup works; without its parent it cannot restore.
+    src.sql("postgres", "UPDATE pgbench_accounts SET abalance = 1 WHERE aid < 100");
+    let incr = backup(&src, &repo, &["--type", "incr", "--no-fallback"]);
+    let parent = incr["parent"].as_str().unwrap().to_string();
+    std::fs::rename(repo.join("backups").join(&parent), base.join("parent-moved")).unwrap();
+    let target = base.join("target");
+    let (code, _, err) = bs(&["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("builds on backup {parent}, which cannot be used")),
+        "the error must name the missing parent: {err}"
+    );
+    let (code, out, _) = bs(&["verify", "--repo", repo.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains(&parent), "{out}");
+}

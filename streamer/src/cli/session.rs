@@ -241,7 +241,7 @@ impl BackupSession for PgSession {
             .map(|r| {
                 let path: String = r.get(0);
                 let blocks: Vec<u8> = r.get(6);
-                if blocks.len() % 4 != 0 {
+                if !blocks.len().is_multiple_of(4) {
                     return Err(Error::Server(format!(
                         "changed_blocks returned {} bytes of blocks for \"{path}\", not a multiple of 4",
                         blocks.len()

@@ -203,6 +203,70 @@ pg1-socket-path=/tmp
             self.rows.append(("restore", tool, secs, None, rss))
             self.rows.append(("restore + recovery to a started cluster", tool, total, None, rss))
 
+    def bs_backup(self, *extra):
+        """A blockstream backup; returns (seconds, rss, summary json)."""
+        cmd = [BS, "backup", "-D", BASE / "data", "-h", "/tmp", "-p", PORT, "-U", "postgres", "--repo",
+               BASE / "bs-repo", "-j", self.a.jobs, "--compress", "zstd:3", "--output", "json", *extra]
+        t = time.monotonic()
+        out = sh(cmd, capture=True)
+        return time.monotonic() - t, json.loads(out)
+
+    def pgbr_last_delta(self):
+        info = json.loads(sh(["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench", "--output=json", "info"],
+                             user="postgres", capture=True))
+        last = info[0]["backup"][-1]
+        return last["info"]["delta"], last["info"]["repository"]["delta"]
+
+    def incrementals(self):
+        """Full, then pgbench -c 2 -t N, then an incremental: both tools; then the chain restore."""
+        a = self.a
+        self.incr_rows = []
+        for n in a.incr_tx:
+            res = {"blockstream": [], "pgBackRest": []}
+            restore = {"blockstream": [], "pgBackRest": []}
+            for rep in range(a.reps):
+                print(f"incremental after pgbench -c 2 -t {n}, round {rep + 1}/{a.reps}", flush=True)
+                self.bs_backup("--type", "full")
+                self.pgbr("--type=full", "backup")
+                psql(PORT, "CHECKPOINT")
+                sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-n", "-c", "2", "-t", n, "postgres"])
+                for tool in (["blockstream", "pgBackRest"] if rep % 2 == 0 else ["pgBackRest", "blockstream"]):
+                    if tool == "blockstream":
+                        secs, out = self.bs_backup("--type", "incr", "--no-fallback")
+                        st = out["stats"]
+                        res[tool].append((secs, st["data_bytes"], st["bytes_written"], st["changed_blocks"],
+                                          st["trackable_blocks"]))
+                    else:
+                        t = time.monotonic()
+                        self.pgbr("--type=incr", "backup")
+                        secs = time.monotonic() - t
+                        read, written = self.pgbr_last_delta()
+                        res[tool].append((secs, read, written, None, None))
+                for tool in ("blockstream", "pgBackRest"):
+                    restore[tool].append(self.restore_once(tool))
+            self.incr_rows.append((n, res, restore))
+
+    def restore_once(self, tool):
+        """Restores the latest backup (a chain for incrementals); (restore s, to started cluster s)."""
+        target = BASE / "restored"
+        self.stop(target)
+        fresh_dir(target)
+        target.chmod(0o700)
+        if tool == "blockstream":
+            secs, _ = timed([BS, "restore", "--repo", BASE / "bs-repo", "-D", target, "-j", self.a.jobs,
+                             "--target", "immediate"])
+        else:
+            secs, _ = timed(["pgbackrest", f"--config={self.pgbr_conf}", "--stanza=bench", f"--pg1-path={target}",
+                             "--type=immediate", "--target-action=promote", "restore"], user="postgres")
+        t = time.monotonic()
+        sh([PG_BIN / "pg_ctl", "-D", target, "-l", BASE / f"restored-{tool}.log", "-o",
+            f"-p {RPORT} -c archive_mode=off", "-w", "-t", "600", "start"], user="postgres")
+        while psql(RPORT, "SELECT pg_is_in_recovery()") != "f":
+            time.sleep(0.05)
+        total = secs + time.monotonic() - t
+        self.stop(target)
+        return secs, total
+
     def set_tracking(self, on):
         psql(PORT, f"ALTER SYSTEM SET blocktrack.enabled = {'on' if on else 'off'}")
         psql(PORT, "SELECT pg_reload_conf()")
@@ -275,6 +339,28 @@ pg1-socket-path=/tmp
             goals.append(f"- restore: blockstream / pgBackRest = {b[('restore','blockstream')] / b[('restore','pgBackRest')]:.2f} (goal <= 0.30)")
             k = "restore + recovery to a started cluster"
             goals.append(f"- restore to a started cluster: blockstream / pgBackRest = {b[(k,'blockstream')] / b[(k,'pgBackRest')]:.2f}")
+        for n, res, restore in getattr(self, "incr_rows", []):
+            b, r = res["blockstream"], res["pgBackRest"]
+            mt = lambda rows, i: med([x[i] for x in rows])
+            lines += [
+                "",
+                f"## Incremental backup after pgbench -c 2 -t {n} (scale {a.scale}), median of {a.reps}",
+                "",
+                "| tool | wall s | runs | bytes read from PGDATA | bytes written | changed main-fork blocks |",
+                "|---|---:|---|---:|---:|---:|",
+                f"| blockstream | {mt(b, 0):.2f} | {' '.join(f'{x[0]:.2f}' for x in b)} | {mt(b, 1) / 2**20:.1f} MiB | "
+                f"{mt(b, 2) / 2**20:.2f} MiB | {mt(b, 3):.0f} of {mt(b, 4):.0f} ({100 * mt(b, 3) / max(mt(b, 4), 1):.1f}%) |",
+                f"| pgBackRest | {mt(r, 0):.2f} | {' '.join(f'{x[0]:.2f}' for x in r)} | {mt(r, 1) / 2**20:.1f} MiB | "
+                f"{mt(r, 2) / 2**20:.2f} MiB | |",
+                "",
+                f"- time: blockstream / pgBackRest = {mt(b, 0) / mt(r, 0):.2f}",
+                f"- repository bytes: blockstream / pgBackRest = {mt(b, 2) / mt(r, 2):.2f}",
+                f"- chain restore: blockstream {med([x[0] for x in restore['blockstream']]):.2f} s vs pgBackRest "
+                f"{med([x[0] for x in restore['pgBackRest']]):.2f} s "
+                f"(= {med([x[0] for x in restore['blockstream']]) / med([x[0] for x in restore['pgBackRest']]):.2f}); "
+                f"to a started cluster {med([x[1] for x in restore['blockstream']]):.2f} s vs "
+                f"{med([x[1] for x in restore['pgBackRest']]):.2f} s",
+            ]
         if getattr(self, "tps", None):
             on, off = med(self.tps[True]), med(self.tps[False])
             t = self.tracking
@@ -318,13 +404,15 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dataset", choices=["pgbench", "random"], default="pgbench")
     p.add_argument("--tps-seconds", type=int, default=60, help="pgbench duration for the tracking overhead runs")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: full,restore,tracking")
+    p.add_argument("--incr-tx", default="500,8000", help="pgbench -t values before the incremental backups")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: full,restore,incr,tracking")
     p.add_argument("--quick", action="store_true", help="scale 5, one run: keeps the harness from rotting")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     a = p.parse_args()
     if a.quick:
         a.scale, a.reps, a.tps_seconds = 5, 1, 3
     skip = set(a.skip.split(",")) if a.skip else set()
+    a.incr_tx = [int(x) for x in a.incr_tx.split(",")] if not a.quick else [100]
     if os.geteuid() != 0:
         sys.exit("bench: run as root (clusters run as postgres)")
     if not BS.exists():
@@ -336,6 +424,8 @@ def main():
             b.full_backups()
         if "restore" not in skip and "full" not in skip:
             b.restores()
+        if "incr" not in skip:
+            b.incrementals()
         if "tracking" not in skip:
             b.tracking_overhead()
         text = f"# Benchmarks\n\n{machine()}\n\n" + b.report()

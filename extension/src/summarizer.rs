@@ -6,7 +6,11 @@
 //! turns every record into block-table changes ([`crate::wal_records`]) and
 //! writes the table as a summary file (`$PGDATA/pg_blocktrack/summaries`) when
 //! it passes `blocktrack.max_summary_memory`, when `blocktrack.summary_interval`
-//! has passed, when a backup asks for one (`flush_request`), and at shutdown.
+//! has passed, when a backup asks for one (`flush_request`), at every WAL
+//! segment switch (pg_backup_start switches segments just before the
+//! checkpoint that starts a backup, so summaries begin where backups begin
+//! and an incremental's range holds no change from before its parent), and
+//! at shutdown.
 //! After each durable summary it records the end LSN in `pg_blocktrack/state`
 //! and only then advances its replication slot to it; a crash therefore
 //! resumes exactly at the end of the last durable summary, with the WAL from
@@ -31,7 +35,7 @@ use pgrx::prelude::*;
 use crate::guc;
 use crate::slot::{self, SlotState};
 use crate::status::STATUS;
-use crate::wal_records::summarize_record;
+use crate::wal_records::{is_segment_switch, summarize_record};
 
 // The callbacks the WAL reader calls, as the C symbols themselves (pgrx's
 // bindings wrap these functions for calls from Rust, not as pointers).
@@ -376,7 +380,9 @@ impl Summarizer {
                 }
             }
             let full = self.table.memory() > guc::MAX_SUMMARY_MEMORY.get() as usize * 1024 * 1024;
-            if (full || self.flush_requested() || self.interval_passed()) && !self.flush() {
+            // SAFETY: as above.
+            let switch = unsafe { is_segment_switch(self.reader) };
+            if (full || switch || self.flush_requested() || self.interval_passed()) && !self.flush() {
                 return Stop::Restart;
             }
         }

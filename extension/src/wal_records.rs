@@ -26,6 +26,7 @@ const XLOG_DBASE_CREATE_FILE_COPY: u8 = 0x00;
 const XLOG_DBASE_CREATE_WAL_LOG: u8 = 0x10;
 const XLOG_DBASE_DROP: u8 = 0x20;
 
+const XLOG_SWITCH: u8 = 0x40;
 const XLOG_PARAMETER_CHANGE: u8 = 0x60;
 const WAL_LEVEL_REPLICA: i32 = 1;
 
@@ -104,6 +105,21 @@ unsafe fn main_data<T: Copy>(rec: *const pg_sys::DecodedXLogRecord, at: usize) -
             return None;
         }
         Some(std::ptr::read_unaligned((*rec).main_data.add(at) as *const T))
+    }
+}
+
+/// True when the record the reader just returned is a WAL segment switch.
+/// pg_backup_start switches segments right before its checkpoint, so a
+/// summary cut here ends where the next backup's range begins.
+///
+/// # Safety
+/// `reader` must hold a record just returned by XLogReadRecord.
+pub unsafe fn is_segment_switch(reader: *mut pg_sys::XLogReaderState) -> bool {
+    // SAFETY: the caller guarantees a current decoded record.
+    unsafe {
+        let rec = (*reader).record;
+        (*rec).header.xl_rmid as u32 == pg_sys::RmgrIds::RM_XLOG_ID
+            && (*rec).header.xl_info & !XLR_INFO_MASK == XLOG_SWITCH
     }
 }
 

@@ -124,33 +124,13 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
             continue;
         }
         let bs = b.block_size as u64;
-        let digests = decode_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks), |p| {
-            match take.get(&p.file_index) {
-                None => Ok(()),
-                Some(Take::All) => write_range(target, &p.file.path, p.record.offset, p.record.data),
-                Some(t) => {
-                    // The record's blocks this backup is the newest source of, in runs.
-                    let data = p.record.data;
-                    let first = p.record.offset / bs;
-                    let nblocks = (data.len() as u64).div_ceil(bs);
-                    let mut k = 0;
-                    while k < nblocks {
-                        if !t.takes((first + k) as u32) {
-                            k += 1;
-                            continue;
-                        }
-                        let run = k;
-                        while k < nblocks && t.takes((first + k) as u32) {
-                            k += 1;
-                        }
-                        let from = (run * bs) as usize;
-                        let to = ((k * bs) as usize).min(data.len());
-                        write_range(target, &p.file.path, p.record.offset + from as u64, &data[from..to])?;
-                    }
-                    Ok(())
+        let digests =
+            decode_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks), |p| {
+                match take.get(&p.file_index) {
+                    None => Ok(()),
+                    Some(t) => write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs),
                 }
-            }
-        })?;
+            })?;
         check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)))?;
     }
     let write_secs = t.elapsed().as_secs_f64() - layout_secs;
@@ -352,32 +332,83 @@ fn create_files(target: &Path, files: &[&FileEntry], as_root: bool) -> Result<()
     Ok(())
 }
 
-/// Writes `data` at `offset` of the restored file `rel` through a memory map.
-fn write_range(target: &Path, rel: &str, offset: u64, data: &[u8]) -> Result<()> {
+thread_local! {
+    /// The restored file this thread wrote last, kept open: consecutive
+    /// records of a chunk mostly belong to one file.
+    static OPEN: std::cell::RefCell<Option<(PathBuf, File)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records smaller than this are written with pwrite: mapping a few blocks
+/// costs more than copying them (an incremental stores many single blocks).
+const MAP_AT_LEAST: usize = 64 * 1024;
+
+/// Writes the blocks of a record that `take` assigns to this backup into the
+/// restored file `rel`: large records through a memory map of their range,
+/// small ones with pwrite.
+fn write_record(target: &Path, rel: &str, offset: u64, data: &[u8], take: &Take, bs: u64) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }
     let path = target.join(rel);
-    let file = OpenOptions::new().read(true).write(true).open(&path).map_err(Error::io("open", &path))?;
-    // SAFETY: the file was created by this restore and sized with fallocate, so
-    // every page of the range is backed by allocated blocks; no other process
-    // uses it, and no other thread maps this range (each block of a restored
-    // file has exactly one source, and the pieces of a backup do not overlap).
-    let mut map =
-        unsafe { MmapOptions::new().offset(offset).len(data.len()).map_mut(&file) }.map_err(Error::io("map", &path))?;
-    map.copy_from_slice(data);
-    drop(map);
-    // Start writeback now, so the final sync waits for little.
-    // SAFETY: sync_file_range on a descriptor we own; it only schedules I/O.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            data.len() as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-    Ok(())
+    OPEN.with(|cell| {
+        let mut open = cell.borrow_mut();
+        if open.as_ref().is_none_or(|(p, _)| *p != path) {
+            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(Error::io("open", &path))?;
+            *open = Some((path.clone(), file));
+        }
+        let file = &open.as_ref().expect("just opened").1;
+        // The runs of blocks this backup is the newest source of.
+        let mut runs = Vec::new();
+        match take {
+            Take::All => runs.push((0, data.len())),
+            Take::Blocks(_) => {
+                let (first, nblocks) = (offset / bs, (data.len() as u64).div_ceil(bs));
+                let mut k = 0;
+                while k < nblocks {
+                    if !take.takes((first + k) as u32) {
+                        k += 1;
+                        continue;
+                    }
+                    let run = k;
+                    while k < nblocks && take.takes((first + k) as u32) {
+                        k += 1;
+                    }
+                    runs.push(((run * bs) as usize, ((k * bs) as usize).min(data.len())));
+                }
+            }
+        }
+        // Start writeback as soon as data is written, so the final sync waits for little.
+        // SAFETY: sync_file_range on a descriptor we own; it only schedules I/O.
+        let start_writeback = || unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                data.len() as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        };
+        if data.len() < MAP_AT_LEAST {
+            use std::os::unix::fs::FileExt;
+            for (from, to) in runs {
+                file.write_all_at(&data[from..to], offset + from as u64).map_err(Error::io("write", &path))?;
+            }
+            start_writeback();
+            return Ok(());
+        }
+        // SAFETY: the file was created by this restore and sized with fallocate,
+        // so every page of the range is backed by allocated blocks; no other
+        // process uses it, and no other thread writes the same blocks (each
+        // block of a restored file has exactly one source, and a backup's
+        // pieces do not overlap). Blocks not taken are left untouched.
+        let mut map = unsafe { MmapOptions::new().offset(offset).len(data.len()).map_mut(file) }
+            .map_err(Error::io("map", &path))?;
+        for (from, to) in runs {
+            map[from..to].copy_from_slice(&data[from..to]);
+        }
+        drop(map);
+        start_writeback();
+        Ok(())
+    })
 }
 
 /// `tablespace_map` escapes `\n`, `\r` and `\` with a backslash, as PostgreSQL writes it.

@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::hash::{file_digest, to_hex, Digest};
 use crate::lsn::Lsn;
 use crate::manifest::{
-    fsync_dir, piece_layout, BackupType, FileEntry, Incremental, Manifest, Stats, StreamEntry, FORMAT, VERSION,
+    fsync_dir, piece_layout, BackupType, ChecksumFailure, FileEntry, Incremental, Manifest, Stats, StreamEntry, FORMAT,
+    VERSION,
 };
 use crate::pgdata::{self, SourceFile};
 use crate::plan::{ChangeSet, ChangedSegment, FileCopy, Planner};
@@ -89,6 +90,10 @@ pub struct BackupOptions {
     pub mode: BackupMode,
     /// Fail instead of falling back to a full backup.
     pub no_fallback: bool,
+    /// Check page checksums while copying (when the cluster has them).
+    pub verify_checksums: bool,
+    /// Keep a backup in which pages failed their checksum.
+    pub allow_checksum_failures: bool,
 }
 
 /// Takes a full online backup of the cluster behind `session` into the repository.
@@ -194,6 +199,10 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
             }
         }
     }
+    let mut copy_cfg = opts.copy;
+    if opts.verify_checksums && start.data_checksums {
+        copy_cfg.verify_checksums_before = Some(start.start_lsn.0);
+    }
     let layout = |i: usize, files: &[SourceFile], copies: &[Option<Incremental>]| {
         piece_layout(files[i].size, copies[i].as_ref(), opts.copy.piece_size, server.block_size as u64)
     };
@@ -204,10 +213,37 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let pieces: Vec<Piece> = order.iter().flat_map(|&i| pieces_for(i, &layout(i, &files, &copies))).collect();
     let data_bytes: u64 = pieces.iter().map(|p| p.len).sum::<u64>() + files[control_idx].size;
     progress.start_phase("copy", data_bytes);
-    let mut outcome = copy_pieces(&files, pieces, &mut writers, &opts.copy, progress)?;
+    let mut outcome = copy_pieces(&files, pieces, &mut writers, &copy_cfg, progress)?;
     // pg_control goes last, after every other file has been read.
     let pieces = pieces_for(control_idx, &layout(control_idx, &files, &copies));
-    outcome.merge(copy_pieces(&files, pieces, &mut writers[..1], &opts.copy, progress)?);
+    outcome.merge(copy_pieces(&files, pieces, &mut writers[..1], &copy_cfg, progress)?);
+    let mut checksum_failures: Vec<ChecksumFailure> = outcome
+        .checksum_failures
+        .iter()
+        .map(|&(f, block, stored, computed)| ChecksumFailure {
+            path: files[f as usize].rel.clone(),
+            block,
+            stored,
+            computed,
+        })
+        .collect();
+    checksum_failures.sort_by(|a, b| (&a.path, a.block).cmp(&(&b.path, b.block)));
+    if !checksum_failures.is_empty() && !opts.allow_checksum_failures {
+        let list: Vec<String> = checksum_failures
+            .iter()
+            .take(5)
+            .map(|c| {
+                format!("\"{}\" block {} (stored 0x{:04x}, computed 0x{:04x})", c.path, c.block, c.stored, c.computed)
+            })
+            .collect();
+        return Err(Error::Corrupt(format!(
+            "{} page{} failed checksum verification: {}{}; the backup is not kept (--allow-checksum-failures keeps it)",
+            checksum_failures.len(),
+            if checksum_failures.len() == 1 { "" } else { "s" },
+            list.join(", "),
+            if checksum_failures.len() > 5 { ", ..." } else { "" }
+        )));
+    }
 
     progress.start_phase("stop", 0);
     let t = Instant::now();
@@ -241,6 +277,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         .into_iter()
         .map(|w| w.finish().map(|(name, bytes, chunks)| StreamEntry { name, bytes, chunks }))
         .collect::<Result<Vec<_>>>()?;
+    let (checksum_pages, checksum_secs) = (outcome.pages_checked, outcome.checksum_secs);
     let layouts: Vec<usize> = (0..files.len()).map(|i| layout(i, &files, &copies).len()).collect();
     let entries = file_entries(&files, copies, &layouts, outcome)?;
 
@@ -280,6 +317,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         streams,
         backup_label: stop.backup_label,
         tablespace_map: (!stop.tablespace_map.is_empty()).then_some(stop.tablespace_map),
+        checksum_failures,
         stats: Stats {
             duration_secs: duration,
             server_secs,
@@ -291,6 +329,8 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
             compression_ratio: bytes_read as f64 / bytes_written.max(1) as f64,
             throughput_mib_s: bytes_read as f64 / (1 << 20) as f64 / duration.max(1e-9),
             jobs: opts.jobs as u32,
+            pages_checked: checksum_pages,
+            checksum_secs,
             ..stats
         },
     };

@@ -15,7 +15,7 @@ const BASE_OFFSETS: [u32; N_SUMS] = [
     0x5B1F36E9, 0xB8525960, 0x02AB50AA, 0x1DE66D2A, 0x79FF467A, 0x9BB9F8A3, 0x217E7CD2, 0x83E13D2C, 0xF8D4474F,
     0xE39EB970, 0x42C6AE16, 0x993216FA, 0x7B093B5D, 0x98DAFF3C, 0xF718902A, 0x0B1C9CDB, 0xE58F764B, 0x187636BC,
     0x5D7B3BB1, 0xE73DE7DE, 0x92BEC979, 0xCCA6C0B2, 0x304A0979, 0x85AA43D4, 0x783125BB, 0x6CA8EAA2, 0xE407EAC6,
-    0x4B5CFC3E, 0x9FBF8C76, 0x15CA20BE, 0xF2CA9FFF, 0x3BCC3E8A,
+    0x4B5CFC3E, 0x9FBF8C76, 0x15CA20BE, 0xF2CA9FD3, 0x959BD756,
 ];
 
 #[inline(always)]
@@ -82,8 +82,21 @@ pub fn is_checksummed_file(path: &str) -> bool {
     let digits = name.bytes().take_while(u8::is_ascii_digit).count();
     relation_dir && digits > 0 && {
         let rest = &name[digits..];
-        let rest = rest.strip_prefix("_fsm").or(rest.strip_prefix("_vm")).or(rest.strip_prefix("_init")).unwrap_or(rest);
+        let rest =
+            rest.strip_prefix("_fsm").or(rest.strip_prefix("_vm")).or(rest.strip_prefix("_init")).unwrap_or(rest);
         rest.is_empty() || (rest.starts_with('.') && rest.len() > 1 && rest[1..].bytes().all(|b| b.is_ascii_digit()))
+    }
+}
+
+/// The segment number of a file that carries page checksums, or None.
+pub fn segment_of_checksummed_file(path: &str) -> Option<u32> {
+    if !is_checksummed_file(path) {
+        return None;
+    }
+    let name = path.rsplit('/').next()?;
+    match name.rsplit_once('.') {
+        Some((_, seg)) => seg.parse().ok(),
+        None => Some(0),
     }
 }
 
@@ -123,10 +136,21 @@ mod tests {
         assert!(worth_checking(&p, u64::MAX));
         assert!(!worth_checking(&[0u8; BLCKSZ], u64::MAX), "new pages are skipped");
         assert!(!worth_checking(&p, 0), "pages changed after the start are skipped");
-        for yes in ["base/5/16384", "base/5/16384.1", "base/5/16384_vm", "global/1262", "pg_tblspc/1/PG_15_2/5/16400_fsm"] {
+        for yes in
+            ["base/5/16384", "base/5/16384.1", "base/5/16384_vm", "global/1262", "pg_tblspc/1/PG_15_2/5/16400_fsm"]
+        {
             assert!(is_checksummed_file(yes), "{yes}");
         }
-        for no in ["global/pg_control", "base/5/pg_filenode.map", "base/5/PG_VERSION", "base/5/pg_internal.init", "pg_xact/0000", "base/5/16384_x"] {
+        assert_eq!(segment_of_checksummed_file("base/5/16384_vm.2"), Some(2));
+        assert_eq!(segment_of_checksummed_file("base/5/16384"), Some(0));
+        for no in [
+            "global/pg_control",
+            "base/5/pg_filenode.map",
+            "base/5/PG_VERSION",
+            "base/5/pg_internal.init",
+            "pg_xact/0000",
+            "base/5/16384_x",
+        ] {
             assert!(!is_checksummed_file(no), "{no}");
         }
     }

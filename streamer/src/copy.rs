@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 
+use crate::blkref::RELSEG_BLOCKS;
+use crate::checksum::{self, BLCKSZ};
 use crate::codec::{Compression, Compressor};
 use crate::error::{Error, Result};
 use crate::guard::GuardedMap;
@@ -40,11 +42,20 @@ pub struct CopyConfig {
     pub piece_size: u64,
     /// Upper bound on bytes read per second, over all threads (`--max-rate`).
     pub max_rate: Option<u64>,
+    /// Check the page checksums of relation files, with pg_basebackup's rules
+    /// for a backup that started at this LSN.
+    pub verify_checksums_before: Option<u64>,
 }
 
 impl Default for CopyConfig {
     fn default() -> Self {
-        CopyConfig { compression: Compression::default(), chunk_size: 4 << 20, piece_size: 1 << 20, max_rate: None }
+        CopyConfig {
+            compression: Compression::default(),
+            chunk_size: 4 << 20,
+            piece_size: 1 << 20,
+            max_rate: None,
+            verify_checksums_before: None,
+        }
     }
 }
 
@@ -82,10 +93,18 @@ pub struct CopyOutcome {
     pub truncated: Vec<u32>,
     pub vanished: Vec<u32>,
     pub bytes_read: u64,
+    /// (file, absolute block, stored checksum, computed checksum) of pages
+    /// that failed their checksum twice.
+    pub checksum_failures: Vec<(u32, u32, u16, u16)>,
+    pub pages_checked: u64,
+    pub checksum_secs: f64,
 }
 
 impl CopyOutcome {
     pub fn merge(&mut self, o: CopyOutcome) {
+        self.checksum_failures.extend(o.checksum_failures);
+        self.pages_checked += o.pages_checked;
+        self.checksum_secs += o.checksum_secs;
         self.digests.extend(o.digests);
         self.locations.extend(o.locations);
         self.truncated.extend(o.truncated);
@@ -175,6 +194,11 @@ fn stream_worker(
         throttle.take(piece.len);
         let map = GuardedMap::map(file, piece.offset, piece.len as usize).map_err(Error::io("map", &src.abs))?;
         let data = map.data();
+        if let Some(start) = cfg.verify_checksums_before {
+            let t = Instant::now();
+            check_pages(file, src, piece, data, start, &mut out);
+            out.checksum_secs += t.elapsed().as_secs_f64();
+        }
         out.digests.push((piece.file, piece.index, sha256(data)));
         let loc = (piece.file, writer.index, writer.next_chunk());
         if out.locations.last() != Some(&loc) {
@@ -195,6 +219,38 @@ fn stream_worker(
         flush(&mut chunk, &mut compressor, &mut stored, writer)?;
     }
     Ok(out)
+}
+
+/// Checks the page checksums of a piece of a relation file, as pg_basebackup
+/// does: pages that are new or changed since the backup started are skipped,
+/// a mismatch is read again once (straight from the file: the page may have
+/// been half written), and a second mismatch is a failure.
+fn check_pages(file: &File, src: &SourceFile, piece: Piece, data: &[u8], start: u64, out: &mut CopyOutcome) {
+    use std::os::unix::fs::FileExt;
+    let Some(segno) = checksum::segment_of_checksummed_file(&src.rel) else { return };
+    let first = segno as u64 * RELSEG_BLOCKS as u64 + piece.offset / BLCKSZ as u64;
+    for (k, page) in data.chunks_exact(BLCKSZ).enumerate() {
+        if !checksum::worth_checking(page, start) {
+            continue;
+        }
+        out.pages_checked += 1;
+        let blkno = (first + k as u64) as u32;
+        let stored = checksum::header(page).checksum;
+        if checksum::page_checksum(page.try_into().unwrap(), blkno) == stored {
+            continue;
+        }
+        let mut again = [0u8; BLCKSZ];
+        if file.read_exact_at(&mut again, piece.offset + (k * BLCKSZ) as u64).is_err() {
+            continue; // truncated meanwhile: WAL replay takes care of it
+        }
+        if !checksum::worth_checking(&again, start) {
+            continue;
+        }
+        let (stored, computed) = (checksum::header(&again).checksum, checksum::page_checksum(&again, blkno));
+        if stored != computed {
+            out.checksum_failures.push((piece.file, blkno, stored, computed));
+        }
+    }
 }
 
 fn flush(

@@ -12,7 +12,8 @@
 //! - [`repo`] owns the repository layout, its identity file and its lock;
 //! - [`backup`] and [`restore`] are the two commands built on top, [`chain`]
 //!   resolves which backup of a chain each restored block comes from;
-//! - [`verify`] checks stored chunks against their digests;
+//! - [`verify`] checks stored chunks against their digests, [`checksum`]
+//!   computes PostgreSQL's page checksums;
 //! - [`blkref`] owns the changed-block summaries pg_blocktrack writes.
 //!
 //! The engine never talks to PostgreSQL itself: [`backup::BackupSession`] is
@@ -21,6 +22,7 @@
 pub mod backup;
 pub mod blkref;
 pub mod chain;
+pub mod checksum;
 pub mod codec;
 pub mod copy;
 pub mod error;

@@ -78,7 +78,22 @@ pub struct Manifest {
     pub streams: Vec<StreamEntry>,
     pub backup_label: String,
     pub tablespace_map: Option<String>,
+    /// Pages whose checksum did not match when they were copied (kept only
+    /// with --allow-checksum-failures).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checksum_failures: Vec<ChecksumFailure>,
     pub stats: Stats,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumFailure {
+    pub path: String,
+    /// Absolute block number (segment number times blocks per segment, plus the block in the file).
+    pub block: u32,
+    /// The checksum in the page header.
+    pub stored: u16,
+    /// The checksum the page's content gives.
+    pub computed: u16,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +241,11 @@ pub struct Stats {
     pub trackable_blocks: u64,
     #[serde(default)]
     pub changed_blocks: u64,
+    /// Pages whose checksum was verified during the copy, and the time it took (all threads).
+    #[serde(default)]
+    pub pages_checked: u64,
+    #[serde(default)]
+    pub checksum_secs: f64,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -456,6 +476,7 @@ pub(crate) mod tests {
             }],
             backup_label: "START WAL LOCATION: 0/2000028\n".into(),
             tablespace_map: None,
+            checksum_failures: vec![],
             stats: Stats::default(),
         }
     }

@@ -256,3 +256,206 @@ pub fn check_file_digests(
     }
     Ok(())
 }
+
+/// One thing wrong with a backup.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Problem {
+    /// Which check found it: manifest, chain, chunks, files, wal, page checksums.
+    pub check: &'static str,
+    pub detail: String,
+}
+
+/// The checks `verify` and `validate_backup` run, in order.
+pub const CHECKS: [&str; 6] = ["manifest", "chain", "chunks", "files", "wal", "page checksums"];
+
+/// What verifying one backup found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BackupCheck {
+    pub backup_id: String,
+    pub problems: Vec<Problem>,
+    pub stored_bytes: u64,
+    pub files: u64,
+    pub pages_checked: u64,
+    pub secs: f64,
+}
+
+#[derive(Default)]
+struct VerifyState {
+    stored: Vec<u8>,
+    raw: Vec<u8>,
+    digests: Vec<(u32, u32, Digest)>,
+    problems: Vec<Problem>,
+    damaged: Vec<(u16, u32)>,
+    bytes: u64,
+    pages: u64,
+}
+
+/// Verifies one backup completely: its manifest, its chain of parents, every
+/// chunk's digest, every file's digest, the WAL from its start to its stop,
+/// and the checksum of every stored page PostgreSQL had not touched since
+/// the backup started. Reads every chunk once, on `jobs` threads. Problems
+/// are collected, not stopped at.
+pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: &Progress) -> BackupCheck {
+    let began = std::time::Instant::now();
+    let mut check = BackupCheck {
+        backup_id: id.to_string(),
+        problems: Vec::new(),
+        stored_bytes: 0,
+        files: 0,
+        pages_checked: 0,
+        secs: 0.0,
+    };
+    let problem = |check: &'static str, detail: String| Problem { check, detail };
+    let m = match repo.load_manifest(id) {
+        Ok(m) => m,
+        Err(e) => {
+            check.problems.push(problem("manifest", e.to_string()));
+            check.secs = began.elapsed().as_secs_f64();
+            return check;
+        }
+    };
+    check.files = m.files.len() as u64;
+    if let Err(e) = crate::chain::load_chain(repo, id) {
+        check.problems.push(problem("chain", e.to_string()));
+    }
+    // Every WAL segment from the start to the stop must be in the backup.
+    let seg = m.wal_segment_size;
+    for segno in m.start_lsn.segment(seg)..=m.stop_lsn.previous_segment(seg).max(m.start_lsn.segment(seg)) {
+        let name = format!("pg_wal/{}", crate::lsn::wal_file_name(m.timeline, segno, seg));
+        if !m.files.iter().any(|f| f.path == name && !f.vanished) {
+            check.problems.push(problem(
+                "wal",
+                format!("WAL segment {name} needed from {} to {} is not in the backup", m.start_lsn, m.stop_lsn),
+            ));
+        }
+    }
+
+    let dir = repo.backup_dir(id);
+    let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.stored).sum();
+    progress.start_phase("verify", total);
+    let layouts: Vec<Option<Vec<(u64, u64)>>> =
+        m.files.iter().map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64))).collect();
+    let checksummed: Vec<Option<u32>> = m
+        .files
+        .iter()
+        .map(|f| if m.data_checksums { crate::checksum::segment_of_checksummed_file(&f.path) } else { None })
+        .collect();
+    let outcome = for_each_chunk(&dir, &m, jobs, progress, None, |reader, stream, chunk, st: &mut VerifyState| {
+        let meta = &m.streams[stream as usize].chunks[chunk as usize];
+        let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
+        progress.add(meta.stored);
+        let mut decode = || -> Result<()> {
+            reader.read_chunk(meta, &mut st.stored, &name)?;
+            st.bytes += meta.stored;
+            Decompressor::new(m.compression)?.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
+            for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
+                let Some(file) = m.files.get(rec.file as usize) else {
+                    return Err(Error::Corrupt(format!(
+                        "{name}: record {i} names file {}, not in the manifest",
+                        rec.file
+                    )));
+                };
+                let len = rec.data.len() as u64;
+                let piece = match &layouts[rec.file as usize] {
+                    None => (rec.offset < file.size
+                        && rec.offset % m.piece_size == 0
+                        && len == m.piece_size.min(file.size - rec.offset))
+                    .then_some((rec.offset / m.piece_size) as u32),
+                    Some(pieces) => pieces.binary_search(&(rec.offset, len)).ok().map(|k| k as u32),
+                };
+                let Some(piece) = piece else {
+                    return Err(Error::Corrupt(format!(
+                        "{name}: record {i} for \"{}\" holds {len} bytes at offset {}, not a piece of it",
+                        file.path, rec.offset
+                    )));
+                };
+                st.digests.push((rec.file, piece, sha256(rec.data)));
+                if let Some(segno) = checksummed[rec.file as usize] {
+                    use crate::checksum::{header, page_checksum, worth_checking, BLCKSZ};
+                    let first = segno as u64 * crate::blkref::RELSEG_BLOCKS as u64 + rec.offset / BLCKSZ as u64;
+                    for (k, page) in rec.data.chunks_exact(BLCKSZ).enumerate() {
+                        if !worth_checking(page, m.start_lsn.0) {
+                            continue;
+                        }
+                        st.pages += 1;
+                        let blkno = (first + k as u64) as u32;
+                        let (stored, computed) =
+                            (header(page).checksum, page_checksum(page.try_into().unwrap(), blkno));
+                        let known = m.checksum_failures.iter().any(|c| c.path == file.path && c.block == blkno);
+                        if stored != computed && !known {
+                            st.problems.push(Problem {
+                                check: "page checksums",
+                                detail: format!(
+                                    "\"{}\" block {blkno} in backup {}: stored checksum 0x{stored:04x}, computed 0x{computed:04x}",
+                                    file.path, m.backup_id
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = decode() {
+            st.problems.push(Problem { check: "chunks", detail: annotate(e, &m, stream, chunk).to_string() });
+            st.damaged.push((stream, chunk));
+        }
+        Ok(())
+    });
+    let states = match outcome {
+        Ok(s) => s,
+        Err(e) => {
+            check.problems.push(problem("chunks", e.to_string()));
+            check.secs = began.elapsed().as_secs_f64();
+            return check;
+        }
+    };
+    let mut digests = Vec::new();
+    let mut damaged = Vec::new();
+    for st in states {
+        check.problems.extend(st.problems);
+        check.stored_bytes += st.bytes;
+        check.pages_checked += st.pages;
+        digests.extend(st.digests);
+        damaged.extend(st.damaged);
+    }
+    // File digests, for files without pieces in a damaged chunk (those are reported already).
+    let mut per_file: Vec<Vec<(u32, Digest)>> = vec![Vec::new(); m.files.len()];
+    for (f, p, d) in digests {
+        per_file[f as usize].push((p, d));
+    }
+    for (f, mut pieces) in m.files.iter().zip(per_file) {
+        if f.vanished || f.chunks.iter().any(|c| damaged.contains(c)) {
+            continue;
+        }
+        pieces.sort_by_key(|(p, _)| *p);
+        let expected = f.pieces(m.piece_size, m.block_size as u64).len();
+        let complete = pieces.len() == expected && pieces.iter().enumerate().all(|(k, (p, _))| k as u32 == *p);
+        let found = to_hex(&file_digest(&pieces.iter().map(|(_, d)| *d).collect::<Vec<_>>()));
+        if !complete {
+            check.problems.push(problem(
+                "files",
+                format!("backup {} holds {} of the {expected} pieces of \"{}\"", m.backup_id, pieces.len(), f.path),
+            ));
+        } else if found != f.sha256 {
+            check.problems.push(problem(
+                "files",
+                format!(
+                    "content of \"{}\" in backup {} has digest {found}, expected {}",
+                    f.path, m.backup_id, f.sha256
+                ),
+            ));
+        }
+    }
+    for c in &m.checksum_failures {
+        check.problems.push(problem(
+            "page checksums",
+            format!(
+                "\"{}\" block {} failed its checksum when backup {} was taken (stored 0x{:04x}, computed 0x{:04x})",
+                c.path, c.block, m.backup_id, c.stored, c.computed
+            ),
+        ));
+    }
+    check.secs = began.elapsed().as_secs_f64();
+    check
+}

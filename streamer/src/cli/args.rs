@@ -139,6 +139,12 @@ pub struct BackupArgs {
     /// Checkpoint mode for the backup start
     #[arg(short = 'c', long = "checkpoint", value_enum, default_value = "fast")]
     pub checkpoint: Checkpoint,
+    /// Do not verify page checksums while copying
+    #[arg(long)]
+    pub no_verify_checksums: bool,
+    /// Keep the backup even when pages fail their checksum (they are listed in the manifest)
+    #[arg(long)]
+    pub allow_checksum_failures: bool,
     /// Limit reading from the data directory to RATE bytes per second (suffix k, M or G)
     #[arg(short = 'r', long = "max-rate", value_name = "RATE", value_parser = parse_rate)]
     pub max_rate: Option<u64>,

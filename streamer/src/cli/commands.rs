@@ -5,13 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use blockstream::backup::{run_backup, BackupMode, BackupOptions};
-use blockstream::chain::load_chain;
 use blockstream::copy::CopyConfig;
 use blockstream::manifest::Manifest;
 use blockstream::progress::Progress;
 use blockstream::repo::Repo;
 use blockstream::restore::{extract_file, run_restore, RecoveryTarget, RestoreOptions};
-use blockstream::verify::{check_chunks, check_file_digests, decode_chunks};
+use blockstream::verify::verify_backup;
 use serde_json::json;
 
 use super::args::{
@@ -59,6 +58,8 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         fast: a.checkpoint == Checkpoint::Fast,
         mode,
         no_fallback: a.no_fallback,
+        verify_checksums: !a.no_verify_checksums,
+        allow_checksum_failures: a.allow_checksum_failures,
     };
     let progress = Progress::default();
     let m = with_progress(a.progress, &progress, || run_backup(&opts, &mut session, &progress))?;
@@ -287,36 +288,43 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&absolute(&a.repo))?;
     let ids = if a.backup == "all" { repo.backup_ids()? } else { vec![repo.resolve(&a.backup)?] };
-    let mut results = Vec::new();
     let progress = Progress::default();
-    for id in &ids {
-        let r = repo.load_manifest(id).and_then(|m| {
-            load_chain(&repo, id)?;
-            let dir = repo.backup_dir(id);
-            let bytes = check_chunks(&dir, &m, a.jobs, &progress, None)?;
-            let digests = decode_chunks(&dir, &m, a.jobs, &progress, None, |_| Ok(()))?;
-            check_file_digests(&m, digests, None)?;
-            Ok((bytes, m.files.len()))
-        });
-        results.push((id.clone(), r));
-    }
-    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    let results: Vec<_> = ids.iter().map(|id| verify_backup(&repo, id, a.jobs, &progress)).collect();
+    let problems: usize = results.iter().map(|r| r.problems.len()).sum();
     match a.output {
         Output::Json => {
             let list: Vec<_> = results
                 .iter()
-                .map(|(id, r)| match r {
-                    Ok((bytes, files)) => json!({"backup_id": id, "ok": true, "stored_bytes": bytes, "files": files}),
-                    Err(e) => json!({"backup_id": id, "ok": false, "problem": e.to_string()}),
+                .map(|r| {
+                    json!({
+                        "backup_id": r.backup_id,
+                        "ok": r.problems.is_empty(),
+                        "problems": r.problems,
+                        "stored_bytes": r.stored_bytes,
+                        "files": r.files,
+                        "pages_checked": r.pages_checked,
+                        "secs": r.secs,
+                        "throughput_mib_s": r.stored_bytes as f64 / (1 << 20) as f64 / r.secs.max(1e-9),
+                    })
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&json!({"backups": list, "problems": failed}))?);
+            println!("{}", serde_json::to_string_pretty(&json!({"backups": list, "problems": problems}))?);
         }
         Output::Text => {
-            for (id, r) in &results {
-                match r {
-                    Ok((bytes, files)) => println!("backup {id}: ok ({} stored, {files} files)", mib(*bytes)),
-                    Err(e) => println!("backup {id}: {e}"),
+            for r in &results {
+                if r.problems.is_empty() {
+                    println!(
+                        "backup {}: ok ({} stored, {} files, {} pages checked, {:.1} s, {:.0} MiB/s)",
+                        r.backup_id,
+                        mib(r.stored_bytes),
+                        r.files,
+                        r.pages_checked,
+                        r.secs,
+                        r.stored_bytes as f64 / (1 << 20) as f64 / r.secs.max(1e-9)
+                    );
+                }
+                for p in &r.problems {
+                    println!("backup {}: {}: {}", r.backup_id, p.check, p.detail);
                 }
             }
             if ids.is_empty() {
@@ -324,7 +332,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if problems > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn archive_get(a: ArchiveGetArgs) -> anyhow::Result<ExitCode> {

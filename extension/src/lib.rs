@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
 mod backup_session;
+mod engine;
 mod errors;
 mod guc;
 mod pglsn;
@@ -16,6 +17,7 @@ mod slot;
 mod status;
 mod summarizer;
 mod tracking;
+mod validate;
 mod wal_records;
 
 use std::time::Duration;
@@ -300,6 +302,25 @@ fn changed_blocks(
         })
         .collect();
     TableIterator::new(rows)
+}
+
+/// PostgreSQL's own checksum of an 8 kB page as block `blkno` (absolute:
+/// segment number times blocks per segment plus the block in the file).
+#[pg_extern(immutable, parallel_safe)]
+fn page_checksum(page: Option<&[u8]>, blkno: Option<i64>) -> i32 {
+    validate::server_page_checksum(page, blkno)
+}
+
+/// Checks a backup of the repository at `repo` through the blockstream
+/// engine: that it belongs to this cluster, its manifest, the chain of backups
+/// it builds on, every chunk and file digest, the WAL from its start to its
+/// stop, and the checksum of every stored page. One row per check.
+#[pg_extern(volatile, parallel_unsafe)]
+fn validate_backup(
+    repo: Option<&str>,
+    backup_id: default!(Option<&str>, "'latest'"),
+) -> TableIterator<'static, (name!(check_name, String), name!(ok, bool), name!(detail, String))> {
+    TableIterator::new(validate::validate(repo, backup_id))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -30,6 +30,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Check every chunk and file digest of stored backups
     Verify(VerifyArgs),
+    /// Prove a backup restores: restore it, start it, check it, record the figures
+    Drill(DrillArgs),
     /// Fetch a WAL file from the repository (for restore_command)
     ArchiveGet(ArchiveGetArgs),
 }
@@ -224,6 +226,37 @@ pub struct VerifyArgs {
     /// Parallel threads
     #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs_parser(), default_value_t = default_jobs())]
     pub jobs: usize,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct DrillArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// Backup to drill: an id or "latest"
+    #[arg(long, value_name = "ID", default_value = "latest")]
+    pub backup: String,
+    /// SQL to run on the restored cluster (database postgres); an error fails the drill
+    #[arg(long, value_name = "FILE")]
+    pub check_sql: Option<PathBuf>,
+    /// Leave the restored cluster running in its directory
+    #[arg(long)]
+    pub keep: bool,
+    /// Scratch directory (default: a new one under the temporary directory)
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Directory of pg_ctl (default: $PG_BINDIR, else /usr/lib/postgresql/<major>/bin)
+    #[arg(long, value_name = "DIR")]
+    pub pg_bindir: Option<PathBuf>,
+    /// Parallel restore threads
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs_parser(), default_value_t = default_jobs())]
+    pub jobs: usize,
+    /// Show progress
+    #[arg(short = 'P', long = "progress")]
+    pub progress: bool,
     /// Output format
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,

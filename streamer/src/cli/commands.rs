@@ -26,6 +26,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(a) => restore(a),
         Command::Info(a) => info(a),
         Command::Verify(a) => verify(a),
+        Command::Drill(a) => super::drill::drill(a),
         Command::ArchiveGet(a) => archive_get(a),
     }
 }
@@ -212,12 +213,17 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     for id in repo.backup_ids()? {
         rows.push((id.clone(), repo.load_manifest(&id)));
     }
+    let drills = super::drill::last_drills(repo.root());
     match a.output {
         Output::Json => {
             let backups: Vec<serde_json::Value> = rows
                 .iter()
                 .map(|(id, m)| match m {
-                    Ok(m) => backup_json(m, repo.root()),
+                    Ok(m) => {
+                        let mut v = backup_json(m, repo.root());
+                        v["last_drill"] = drills.get(id).cloned().unwrap_or(serde_json::Value::Null);
+                        v
+                    }
                     Err(e) => json!({"backup_id": id, "error": e.to_string()}),
                 })
                 .collect();
@@ -278,6 +284,16 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                         m.stop_lsn.to_string()
                     ),
                     Err(e) => println!("  {id:<17} damaged: {e}"),
+                }
+                if let Some(d) = drills.get(id) {
+                    println!(
+                        "  {:<17} last drill {}: {} (restore {:.1} s + recovery {:.1} s)",
+                        "",
+                        d["time"].as_str().unwrap_or("?"),
+                        if d["ok"].as_bool() == Some(true) { "passed" } else { "FAILED" },
+                        d["restore_secs"].as_f64().unwrap_or(0.0),
+                        d["recovery_secs"].as_f64().unwrap_or(0.0)
+                    );
                 }
             }
         }

@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod drill;
 mod output;
 mod session;
 

@@ -36,4 +36,7 @@ cargo test --release -p blockstream --test e2e -- --test-threads=1
 step "incremental backup tests (real clusters)"
 cargo test --release -p blockstream --test incremental -- --test-threads=1
 
+step "validation tests (checksums, verify, validate_backup, drill)"
+cargo test --release -p blockstream --test validation -- --test-threads=1
+
 step "all tests passed"

@@ -1,0 +1,217 @@
+//! Validation on real clusters: our page checksum against the server's,
+//! damaged repositories caught by verify, validate_backup and drill, a page
+//! corrupted on disk caught by the next backup, and drills that pass and are
+//! remembered.
+//!
+//! Run as root with pg_blocktrack installed:
+//! `cargo test --release -p blockstream --test validation -- --test-threads=1`.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn source(name: &str) -> (std::path::PathBuf, Cluster) {
+    let base = scratch(name);
+    let c = Cluster::init("source", &base);
+    let conf = c.data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("autovacuum = off\n");
+    std::fs::write(&conf, text).unwrap();
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    (base, c)
+}
+
+/// PostgreSQL's pg_checksum_page and ours agree on real heap, index,
+/// visibility-map and free-space-map pages, and both equal what is on disk.
+#[test]
+fn rust_checksum_equals_the_servers_on_real_pages() {
+    let (_base, c) = source("checksum");
+    c.pgbench_init(2);
+    c.sql("postgres", "CREATE INDEX ON pgbench_accounts (abalance)");
+    c.sql("postgres", "VACUUM");
+    c.sql("postgres", "CHECKPOINT");
+    let files = c.sql(
+        "postgres",
+        "SELECT CASE WHEN f <> '' THEN f WHEN c.relkind = 'i' THEN 'index' ELSE 'heap' END || '|' || pg_relation_filepath(r) || f \
+         FROM unnest(ARRAY['pgbench_accounts', 'pgbench_accounts_pkey', \
+         'pgbench_accounts_abalance_idx', 'pgbench_branches', 'pgbench_tellers', 'pgbench_history']::regclass[]) r, \
+         unnest(ARRAY['', '_vm', '_fsm']) f, pg_class c WHERE c.oid = r",
+    );
+    let mut kinds = std::collections::BTreeMap::new();
+    let mut compared = 0;
+    for line in files.lines() {
+        let (kind, path) = line.split_once('|').unwrap();
+        let full = c.data.join(path);
+        let Ok(bytes) = std::fs::read(&full) else { continue };
+        let pages: Vec<usize> = (0..bytes.len() / 8192).filter(|&b| b < 400 || b % 7 == 0).collect();
+        let list: Vec<String> = pages.iter().map(|b| b.to_string()).collect();
+        let server = c.sql(
+            "postgres",
+            &format!(
+                "SELECT b, blocktrack.page_checksum(pg_read_binary_file('{path}', b * 8192, 8192), b) \
+                 FROM unnest(ARRAY[{}]::int8[]) b \
+                 WHERE get_byte(pg_read_binary_file('{path}', b * 8192 + 14, 2), 0) \
+                     + get_byte(pg_read_binary_file('{path}', b * 8192 + 14, 2), 1) > 0",
+                list.join(",")
+            ),
+        );
+        for line in server.lines() {
+            let (b, sc) = line.split_once('|').unwrap();
+            let b: usize = b.parse().unwrap();
+            let page: &[u8; 8192] = bytes[b * 8192..(b + 1) * 8192].try_into().unwrap();
+            let ours = blockstream::checksum::page_checksum(page, b as u32);
+            assert_eq!(ours as i32, sc.parse::<i32>().unwrap(), "{path} block {b}");
+            assert_eq!(ours, blockstream::checksum::header(page).checksum, "{path} block {b} on disk");
+            compared += 1;
+            *kinds.entry(kind.trim_start_matches('_').to_string()).or_insert(0) += 1;
+        }
+    }
+    assert!(compared >= 1000, "only {compared} pages compared");
+    for kind in ["heap", "index", "vm", "fsm"] {
+        assert!(kinds.get(kind).copied().unwrap_or(0) > 0, "no {kind} page compared: {kinds:?}");
+        eprintln!("{kind}: {} pages", kinds[kind]);
+    }
+}
+
+fn flip(path: &Path, at: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at] ^= 0x20;
+    std::fs::write(path, b).unwrap();
+}
+
+fn validate_rows(c: &Cluster, repo: &Path) -> String {
+    c.sql(
+        "postgres",
+        &format!(
+            "SELECT check_name || ': ' || ok || ': ' || detail FROM blocktrack.validate_backup('{}')",
+            repo.display()
+        ),
+    )
+}
+
+/// One flipped byte in a data chunk, the manifest, or the WAL of the backup:
+/// verify exits 1 naming it, validate_backup fails a row naming it, drill fails.
+#[test]
+fn damage_is_caught_by_verify_validate_and_drill() {
+    let (base, c) = source("damage5");
+    c.pgbench_init(2);
+    let repo = base.join("repo");
+    let id = backup(&c, &repo, &["-j", "2"])["backup_id"].as_str().unwrap().to_string();
+    let dir = repo.join("backups").join(&id);
+    let repo_s = repo.to_str().unwrap();
+    assert!(validate_rows(&c, &repo).lines().all(|l| l.contains(": true: ")), "{}", validate_rows(&c, &repo));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let wal =
+        m["files"].as_array().unwrap().iter().find(|f| f["path"].as_str().unwrap().starts_with("pg_wal/0")).unwrap();
+    let data =
+        m["files"].as_array().unwrap().iter().find(|f| f["path"].as_str().unwrap().starts_with("base/")).unwrap();
+
+    for (what, file, needle) in [
+        ("data chunk", data, data["path"].as_str().unwrap().to_string()),
+        ("WAL", wal, wal["path"].as_str().unwrap().to_string()),
+    ] {
+        let (s, ch) = (file["chunks"][0][0].as_u64().unwrap(), file["chunks"][0][1].as_u64().unwrap());
+        let chunk = &m["streams"][s as usize]["chunks"][ch as usize];
+        let stream = dir.join(format!("stream-{s:02}.bsz"));
+        let pristine = std::fs::read(&stream).unwrap();
+        flip(&stream, (chunk["offset"].as_u64().unwrap() + chunk["stored"].as_u64().unwrap() / 3) as usize);
+
+        let (code, out, _) = bs(&["verify", "--repo", repo_s]);
+        assert_eq!(code, 1, "{what}: {out}");
+        assert!(out.contains(&format!("chunk {ch} of stream-{s:02}.bsz")) && out.contains(&needle), "{what}: {out}");
+        let rows = validate_rows(&c, &repo);
+        assert!(rows.contains("chunks: false") && rows.contains(&needle), "{what}: {rows}");
+        let (code, out, _) = bs(&["drill", "--repo", repo_s, "--output", "json"]);
+        assert_eq!(code, 1, "{what}: drill must fail: {out}");
+        std::fs::write(&stream, pristine).unwrap();
+    }
+
+    let manifest = dir.join("manifest.json");
+    let pristine = std::fs::read(&manifest).unwrap();
+    flip(&manifest, pristine.len() / 2);
+    let (code, out, _) = bs(&["verify", "--repo", repo_s]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("manifest.json") && out.contains("is damaged"), "{out}");
+    let (code, _, err) = bs(&["drill", "--repo", repo_s, "--backup", &id]);
+    assert_eq!(code, 1, "drill of a damaged manifest must fail: {err}");
+    std::fs::write(&manifest, pristine).unwrap();
+    let rows = validate_rows(&c, &repo);
+    assert!(rows.lines().all(|l| l.contains(": true: ")), "{rows}");
+}
+
+/// A page corrupted on disk (cluster stopped, byte flipped, restarted, page
+/// not in shared buffers): the next backup names its file and block.
+#[test]
+fn corrupt_page_on_disk_is_reported_by_the_next_backup() {
+    let (base, c) = source("corrupt");
+    c.sql("postgres", "CREATE TABLE victim AS SELECT g, repeat('v', 200) AS filler FROM generate_series(1, 20000) g");
+    c.sql("postgres", "CHECKPOINT");
+    let path = c.sql("postgres", "SELECT pg_relation_filepath('victim')");
+    c.stop();
+    flip(&c.data.join(&path), 50 * 8192 + 4000);
+    c.start();
+    let repo = base.join("repo");
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), c.data.display().to_string()];
+    args.extend(c.conn());
+    args.extend(["--repo".into(), repo.display().to_string()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = bs(&argv);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("\"{path}\" block 50 (stored 0x")), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&bs_ok(&["info", "--repo", repo.to_str().unwrap(), "--output", "json"])).unwrap();
+    assert_eq!(info["backups"].as_array().unwrap().len(), 0, "the failed backup is not kept");
+
+    let kept = backup(&c, &repo, &["--allow-checksum-failures"]);
+    let id = kept["backup_id"].as_str().unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("backups").join(id).join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["checksum_failures"][0]["path"], path.as_str());
+    assert_eq!(m["checksum_failures"][0]["block"], 50);
+    let (code, out, _) = bs(&["verify", "--repo", repo.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains(&format!("\"{path}\" block 50 failed its checksum")), "{out}");
+    // Without verification the page is simply copied.
+    backup(&c, &repo, &["--no-verify-checksums"]);
+}
+
+/// A drill of a good backup passes and records its figures; the drill log
+/// survives the next backup and shows in info.
+#[test]
+fn drill_passes_and_is_remembered() {
+    let (base, c) = source("drill");
+    c.pgbench_init(2);
+    let repo = base.join("repo");
+    let id = backup(&c, &repo, &["-j", "2"])["backup_id"].as_str().unwrap().to_string();
+    let check = base.join("check.sql");
+    std::fs::write(
+        &check,
+        "DO $$ BEGIN IF (SELECT count(*) FROM pgbench_accounts) <> 200000 THEN RAISE 'rows lost'; END IF; END $$;",
+    )
+    .unwrap();
+    let out =
+        bs_ok(&["drill", "--repo", repo.to_str().unwrap(), "--check-sql", check.to_str().unwrap(), "--output", "json"]);
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["ok"], true, "{d}");
+    assert!(d["indexes_checked"].as_u64().unwrap() > 10 && d["relations_checked"].as_u64().unwrap() > 10, "{d}");
+    assert!(d["restore_secs"].as_f64().unwrap() > 0.0 && d["recovery_secs"].as_f64().unwrap() > 0.0);
+    // A failing user check fails the drill.
+    std::fs::write(&check, "SELECT 1/0").unwrap();
+    let (code, out, _) = bs(&["drill", "--repo", repo.to_str().unwrap(), "--check-sql", check.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("division by zero"), "{out}");
+
+    backup(&c, &repo, &["--type", "incr"]);
+    let log = std::fs::read_to_string(repo.join("drills.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+    let info: serde_json::Value =
+        serde_json::from_str(&bs_ok(&["info", "--repo", repo.to_str().unwrap(), "--output", "json"])).unwrap();
+    let first = info["backups"].as_array().unwrap().iter().find(|b| b["backup_id"] == id.as_str()).unwrap();
+    assert_eq!(first["last_drill"]["ok"], false, "the latest drill of that backup failed its user check");
+    assert!(bs_ok(&["info", "--repo", repo.to_str().unwrap()]).contains("last drill"));
+}

@@ -267,6 +267,31 @@ pg1-socket-path=/tmp
         self.stop(target)
         return secs, total
 
+    def validation(self):
+        """Checksum verification cost in a full backup, verify throughput, drill RTO."""
+        a = self.a
+        on, off, ck = [], [], []
+        for rep in range(a.reps):
+            print(f"checksum verification on/off, round {rep + 1}/{a.reps}", flush=True)
+            for verify in ([True, False] if rep % 2 == 0 else [False, True]):
+                secs, out = self.bs_backup("--type", "full", *([] if verify else ["--no-verify-checksums"]))
+                (on if verify else off).append(secs)
+                if verify:
+                    ck.append((out["stats"]["checksum_secs"], out["stats"]["pages_checked"]))
+        latest = json.loads(sh([BS, "info", "--repo", BASE / "bs-repo", "--output", "json"], capture=True))["backups"][-1]
+        ver = []
+        for rep in range(a.reps):
+            out = json.loads(sh([BS, "verify", "--repo", BASE / "bs-repo", "--backup", latest["backup_id"], "-j", a.jobs,
+                                 "--output", "json"], capture=True))["backups"][0]
+            ver.append((out["secs"], out["stored_bytes"], out["pages_checked"]))
+        drills = []
+        for rep in range(a.reps):
+            print(f"drill, round {rep + 1}/{a.reps}", flush=True)
+            out = sh([BS, "drill", "--repo", BASE / "bs-repo", "-j", a.jobs, "--output", "json"], capture=True)
+            drills.append(json.loads(out))
+        self.valid = {"on": on, "off": off, "ck": ck, "verify": ver, "drills": drills,
+                      "raw": latest["stats"]["bytes_read"]}
+
     def set_tracking(self, on):
         psql(PORT, f"ALTER SYSTEM SET blocktrack.enabled = {'on' if on else 'off'}")
         psql(PORT, "SELECT pg_reload_conf()")
@@ -361,6 +386,27 @@ pg1-socket-path=/tmp
                 f"to a started cluster {med([x[1] for x in restore['blockstream']]):.2f} s vs "
                 f"{med([x[1] for x in restore['pgBackRest']]):.2f} s",
             ]
+        v = getattr(self, "valid", None)
+        if v:
+            vs = med([x[0] for x in v["verify"]])
+            vb = med([x[1] for x in v["verify"]])
+            lines += [
+                "",
+                f"## Validation (scale {a.scale}, -j {a.jobs}), median of {a.reps}",
+                "",
+                f"- full backup with page checksum verification {med(v['on']):.2f} s, without {med(v['off']):.2f} s "
+                f"(runs {' '.join(f'{x:.2f}' for x in v['on'])} / {' '.join(f'{x:.2f}' for x in v['off'])}); "
+                f"{med([x[1] for x in v['ck']]):.0f} pages checked in {med([x[0] for x in v['ck']]):.3f} s of thread time",
+                f"- verify of the latest full backup: {vs:.2f} s for {vb / 2**20:.1f} MiB of repository "
+                f"= {vb / 2**20 / vs:.0f} MiB/s stored ({v['raw'] / 2**20 / vs:.0f} MiB/s of data restored in memory), "
+                f"{v['verify'][0][2]} page checksums",
+                f"- drill RTO (restore + recovery to a consistent cluster): "
+                f"{med([d['restore_secs'] + d['recovery_secs'] for d in v['drills']]):.2f} s "
+                f"(restore {med([d['restore_secs'] for d in v['drills']]):.2f} s, recovery "
+                f"{med([d['recovery_secs'] for d in v['drills']]):.2f} s); checks (amcheck heapallindexed, "
+                f"pg_visibility) {med([d['check_secs'] for d in v['drills']]):.2f} s; all passed: "
+                f"{all(d['ok'] for d in v['drills'])}",
+            ]
         if getattr(self, "tps", None):
             on, off = med(self.tps[True]), med(self.tps[False])
             t = self.tracking
@@ -381,6 +427,47 @@ pg1-socket-path=/tmp
             ]
             return "\n".join(lines + goals + lines2) + "\n"
         return "\n".join(lines + goals) + "\n"
+
+
+def scaling(a):
+    """blockstream alone: how time and memory grow with the data and the threads."""
+    rows = []
+    for scale in a.scaling_scales:
+        a.scale = scale
+        b = Bench(a)
+        b.setup()
+        for jobs in a.scaling_jobs:
+            a.jobs = jobs
+            print(f"scaling: scale {scale}, -j {jobs}", flush=True)
+            shutil.rmtree(BASE / "bs-repo", ignore_errors=True)
+            t = time.monotonic()
+            _, full_rss = timed([BS, "backup", "-D", BASE / "data", "-h", "/tmp", "-p", PORT, "-U", "postgres",
+                                 "--repo", BASE / "bs-repo", "-j", jobs])
+            full = time.monotonic() - t
+            sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-n", "-c", "2", "-t", "2000", "postgres"])
+            t = time.monotonic()
+            _, incr_rss = timed([BS, "backup", "-D", BASE / "data", "-h", "/tmp", "-p", PORT, "-U", "postgres",
+                                 "--repo", BASE / "bs-repo", "-j", jobs, "--type", "incr", "--no-fallback"])
+            incr = time.monotonic() - t
+            info = json.loads(sh([BS, "info", "--repo", BASE / "bs-repo", "--output", "json"], capture=True))
+            st = info["backups"][-1]["stats"]
+            target = fresh_dir(BASE / "restored")
+            target.chmod(0o700)
+            restore, restore_rss = timed([BS, "restore", "--repo", BASE / "bs-repo", "-D", target, "-j", jobs])
+            shutil.rmtree(target)
+            rows.append((scale, jobs, b.db_bytes, full, full_rss, incr, incr_rss, st["data_bytes"], st["changed_blocks"],
+                         st["trackable_blocks"], restore, restore_rss))
+        b.stop(BASE / "data")
+    lines = [
+        "## Scaling: blockstream alone (full backup, pgbench -c 2 -t 2000, incremental, chain restore)",
+        "",
+        "| scale | -j | database | full s | full RSS | incr s | incr read | changed blocks | incr RSS | restore s | restore RSS |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (scale, jobs, db, full, frss, incr, irss, iread, chg, trk, rest, rrss) in rows:
+        lines.append(f"| {scale} | {jobs} | {db / 2**20:.0f} MiB | {full:.2f} | {frss:.0f} MiB | {incr:.2f} | "
+                     f"{iread / 2**20:.1f} MiB | {chg} of {trk} | {irss:.0f} MiB | {rest:.2f} | {rrss:.0f} MiB |")
+    return "\n".join(lines) + "\n"
 
 
 def machine():
@@ -405,7 +492,10 @@ def main():
     p.add_argument("--dataset", choices=["pgbench", "random"], default="pgbench")
     p.add_argument("--tps-seconds", type=int, default=60, help="pgbench duration for the tracking overhead runs")
     p.add_argument("--incr-tx", default="500,8000", help="pgbench -t values before the incremental backups")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: full,restore,incr,tracking")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: full,restore,incr,validation,tracking")
+    p.add_argument("--scaling", action="store_true", help="blockstream alone at several scales and -j values")
+    p.add_argument("--scaling-scales", default="10,50,150")
+    p.add_argument("--scaling-jobs", default="1,2,4")
     p.add_argument("--quick", action="store_true", help="scale 5, one run: keeps the harness from rotting")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     a = p.parse_args()
@@ -417,6 +507,22 @@ def main():
         sys.exit("bench: run as root (clusters run as postgres)")
     if not BS.exists():
         sh(["cargo", "build", "--release", "-p", "blockstream"])
+    if a.scaling:
+        a.scaling_scales = [int(x) for x in a.scaling_scales.split(",")]
+        a.scaling_jobs = [int(x) for x in a.scaling_jobs.split(",")]
+        if a.quick:
+            a.scaling_scales, a.scaling_jobs = [2], [1, 2]
+        try:
+            text = f"{machine()}\n\n" + scaling(a)
+        finally:
+            Bench(a).stop(BASE / "data")
+        print("\n" + text)
+        if not a.quick:
+            out = Path(a.out)
+            with open(out, "a") as f:
+                f.write("\n" + text)
+            print(f"appended to {out}")
+        return
     b = Bench(a)
     try:
         b.setup()
@@ -426,6 +532,8 @@ def main():
             b.restores()
         if "incr" not in skip:
             b.incrementals()
+        if "validation" not in skip:
+            b.validation()
         if "tracking" not in skip:
             b.tracking_overhead()
         text = f"# Benchmarks\n\n{machine()}\n\n" + b.report()

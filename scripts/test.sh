@@ -39,4 +39,7 @@ cargo test --release -p blockstream --test incremental -- --test-threads=1
 step "validation tests (checksums, verify, validate_backup, drill)"
 cargo test --release -p blockstream --test validation -- --test-threads=1
 
+step "benchmark harness, quick mode (keeps bench/ from rotting; figures come from the full run)"
+python3 bench/bench.py --quick
+
 step "all tests passed"

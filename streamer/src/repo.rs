@@ -225,18 +225,20 @@ impl Repo {
         Ok(removed)
     }
 
-    /// A fresh id later than every backup in the repository; waits out the
-    /// current second if needed. Needs the lock.
+    /// A fresh id later than every backup in the repository: the current
+    /// UTC second, or one second past the latest id when that is not later.
+    /// Needs the lock.
     pub fn new_backup_id(&self, kind: BackupType, _lock: &RepoLock) -> Result<String> {
-        let latest = self.backup_ids()?.last().map(|l| l[..15].to_string());
+        let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let after = self.backup_ids()?.last().and_then(|l| timefmt::parse_compact(l)).map_or(0, |t| t + 1);
+        let mut t = now.max(after);
         loop {
-            let stamp = timefmt::compact(SystemTime::now());
-            if latest.as_deref().is_none_or(|l| stamp.as_str() > l)
-                && !self.backup_dir(&format!("{stamp}{}", kind.letter())).exists()
-            {
-                return Ok(format!("{stamp}{}", kind.letter()));
+            let id = format!("{}{}", timefmt::compact(std::time::UNIX_EPOCH + Duration::from_secs(t)), kind.letter());
+            // A directory left by a failed backup of that second is skipped, not reused.
+            if !self.backup_dir(&id).exists() {
+                return Ok(id);
             }
-            std::thread::sleep(Duration::from_millis(200));
+            t += 1;
         }
     }
 }

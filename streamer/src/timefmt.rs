@@ -19,6 +19,26 @@ pub fn utc_parts(t: SystemTime) -> (i64, u32, u32, u32, u32, u32) {
     (year, month, day, (rem / 3600) as u32, (rem % 3600 / 60) as u32, (rem % 60) as u32)
 }
 
+/// Seconds since the epoch of a `20261127T031500` stamp.
+pub fn parse_compact(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 15 || b[8] != b'T' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (h, mi, sec) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    // Howard Hinnant's days_from_civil.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + mi * 60 + sec).ok()
+}
+
 /// `20261127T031500` — the stamp a backup id starts with.
 pub fn compact(t: SystemTime) -> String {
     let (y, mo, d, h, mi, s) = utc_parts(t);
@@ -42,6 +62,8 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_795_749_300);
         assert_eq!(iso8601(t), "2026-11-27T03:15:00Z");
         assert_eq!(compact(t), "20261127T031500");
+        assert_eq!(parse_compact("20261127T031500F"), Some(1_795_749_300));
+        assert_eq!(parse_compact("20000229T000000"), Some(951_782_400));
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(iso8601(leap), "2000-02-29T00:00:00Z");
     }

@@ -1,13 +1,5 @@
 -- Change tracking: status, summaries, changed_blocks, flush_summary, and the
 -- incremental check of backup_start. LSNs in messages vary: try() masks them.
-CREATE FUNCTION pg_temp.try(query text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-  EXECUTE query;
-  RETURN 'no error';
-EXCEPTION WHEN OTHERS THEN
-  RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM, '[0-9A-F]+/[0-9A-F]+', 'X/X', 'g');
-END $$;
-
 SELECT enabled, worker_pid IS NOT NULL AS running, timeline, slot_name,
        slot_restart_lsn <= summarized_lsn AS slot_holds_unsummarized_wal, last_error
   FROM blocktrack.status();
@@ -30,18 +22,18 @@ SELECT count(DISTINCT substring(block_ref FROM 'blk ([0-9]+)')) = pg_relation_si
 SELECT count(*) AS rows_for_an_empty_range FROM blocktrack.changed_blocks(:'b', :'b');
 
 -- Argument errors.
-SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks(NULL, '0/1')$$);
-SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/2', NULL)$$);
-SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/2', '0/1')$$);
-SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/1', 'FFFFFFFF/0')$$);
-SELECT pg_temp.try($$SELECT * FROM blocktrack.changed_blocks('0/1', pg_current_wal_flush_lsn())$$);
-SELECT pg_temp.try(format($$SELECT * FROM blocktrack.changed_blocks(%L, %L, 99)$$, :'a', :'b'));
-SELECT pg_temp.try($$SELECT blocktrack.flush_summary('FFFFFFFF/0')$$);
-SELECT pg_temp.try($$SELECT blocktrack.flush_summary(NULL, -1)$$);
-SELECT pg_temp.try($$SELECT blocktrack.flush_summary(NULL, NULL)$$);
-SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start('x', true, NULL, NULL, NULL)$$);
-SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 0)$$);
-SELECT pg_temp.try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 1, -5)$$);
+SELECT try($$SELECT * FROM blocktrack.changed_blocks(NULL, '0/1')$$, true);
+SELECT try($$SELECT * FROM blocktrack.changed_blocks('0/2', NULL)$$, true);
+SELECT try($$SELECT * FROM blocktrack.changed_blocks('0/2', '0/1')$$, true);
+SELECT try($$SELECT * FROM blocktrack.changed_blocks('0/1', 'FFFFFFFF/0')$$, true);
+SELECT try($$SELECT * FROM blocktrack.changed_blocks('0/1', pg_current_wal_flush_lsn())$$, true);
+SELECT try(format($$SELECT * FROM blocktrack.changed_blocks(%L, %L, 99)$$, :'a', :'b'), true);
+SELECT try($$SELECT blocktrack.flush_summary('FFFFFFFF/0')$$, true);
+SELECT try($$SELECT blocktrack.flush_summary(NULL, -1)$$, true);
+SELECT try($$SELECT blocktrack.flush_summary(NULL, NULL)$$, true);
+SELECT try($$SELECT * FROM blocktrack.backup_start('x', true, NULL, NULL, NULL)$$, true);
+SELECT try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 0)$$, true);
+SELECT try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 1, -5)$$, true);
 
 -- backup_start says whether an incremental on a parent is possible, and why not.
 SELECT incremental_ok, reason FROM blocktrack.backup_start('no parent');

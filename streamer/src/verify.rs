@@ -156,6 +156,50 @@ pub struct Placed<'a, 'r> {
     pub record: &'r Record<'r>,
 }
 
+/// Where the records of a backup may go: the pieces each file stores (whole
+/// files are cut every `piece_size` bytes; incremental ones store runs).
+struct PieceIndex<'m> {
+    m: &'m Manifest,
+    layouts: Vec<Option<Vec<(u64, u64)>>>,
+}
+
+impl<'m> PieceIndex<'m> {
+    fn new(m: &'m Manifest) -> Self {
+        let layouts = m
+            .files
+            .iter()
+            .map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64)))
+            .collect();
+        PieceIndex { m, layouts }
+    }
+
+    /// The file and piece index of record `i` of chunk `name`, checked against the manifest.
+    fn locate(&self, rec: &Record, i: usize, name: &ChunkName) -> Result<(&'m FileEntry, u32)> {
+        let m = self.m;
+        let file = m.files.get(rec.file as usize).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "{name}: record {i} names file {} but the manifest lists {} files",
+                rec.file,
+                m.files.len()
+            ))
+        })?;
+        let len = rec.data.len() as u64;
+        let piece = match &self.layouts[rec.file as usize] {
+            None => (rec.offset < file.size
+                && rec.offset.is_multiple_of(m.piece_size)
+                && len == m.piece_size.min(file.size - rec.offset))
+            .then_some((rec.offset / m.piece_size) as u32),
+            Some(pieces) => pieces.binary_search(&(rec.offset, len)).ok().map(|k| k as u32),
+        };
+        piece.map(|p| (file, p)).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "{name}: record {i} for \"{}\" holds {len} bytes at offset {}, which is not a piece this backup stores of that {}-byte file",
+                file.path, rec.offset, file.size
+            ))
+        })
+    }
+}
+
 #[derive(Default)]
 struct DecodeState {
     stored: Vec<u8>,
@@ -176,9 +220,7 @@ pub fn decode_chunks(
 ) -> Result<Vec<(u32, u32, Digest)>> {
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.raw).sum();
     progress.start_phase("restore", total);
-    // Incremental files store runs of blocks: their pieces are looked up, not computed.
-    let layouts: Vec<Option<Vec<(u64, u64)>>> =
-        m.files.iter().map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64))).collect();
+    let index = PieceIndex::new(m);
     let per_thread = for_each_chunk(dir, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
         let meta = &m.streams[stream as usize].chunks[chunk as usize];
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
@@ -186,29 +228,7 @@ pub fn decode_chunks(
         let mut dec = Decompressor::new(m.compression)?;
         dec.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
         for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
-            let file = m.files.get(rec.file as usize).ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "{name}: record {i} names file {} but the manifest lists {} files",
-                    rec.file,
-                    m.files.len()
-                ))
-            })?;
-            let len = rec.data.len() as u64;
-            let piece = match &layouts[rec.file as usize] {
-                None => {
-                    let whole = rec.offset < file.size
-                        && rec.offset % m.piece_size == 0
-                        && len == m.piece_size.min(file.size - rec.offset);
-                    whole.then_some((rec.offset / m.piece_size) as u32)
-                }
-                Some(pieces) => pieces.binary_search(&(rec.offset, len)).ok().map(|k| k as u32),
-            };
-            let Some(piece) = piece else {
-                return Err(Error::Corrupt(format!(
-                    "{name}: record {i} for \"{}\" holds {len} bytes at offset {}, which is not a piece this backup stores of that {}-byte file",
-                    file.path, rec.offset, file.size
-                )));
-            };
+            let (file, piece) = index.locate(rec, i, &name)?;
             st.digests.push((rec.file, piece, sha256(rec.data)));
             if !file.vanished {
                 visit(&Placed { file, file_index: rec.file, piece, record: rec })?;
@@ -221,16 +241,18 @@ pub fn decode_chunks(
 }
 
 /// Compares the piece digests seen with each file's digest in the manifest
-/// (only for the files `only` accepts, when given).
-pub fn check_file_digests(
+/// (only for the files `only` accepts, when given): one message per file that
+/// is incomplete or does not match.
+fn file_digest_problems(
     m: &Manifest,
     digests: Vec<(u32, u32, Digest)>,
     only: Option<&dyn Fn(u32) -> bool>,
-) -> Result<()> {
+) -> Vec<String> {
     let mut per_file: Vec<Vec<(u32, Digest)>> = vec![Vec::new(); m.files.len()];
     for (f, p, d) in digests {
         per_file[f as usize].push((p, d));
     }
+    let mut problems = Vec::new();
     for (i, (f, mut pieces)) in m.files.iter().zip(per_file).enumerate() {
         if f.vanished || only.is_some_and(|o| !o(i as u32)) {
             continue;
@@ -238,23 +260,36 @@ pub fn check_file_digests(
         pieces.sort_by_key(|(p, _)| *p);
         let expected = f.pieces(m.piece_size, m.block_size as u64).len();
         if pieces.len() != expected || pieces.iter().enumerate().any(|(k, (p, _))| k as u32 != *p) {
-            return Err(Error::Corrupt(format!(
+            problems.push(format!(
                 "backup {} holds {} of the {expected} pieces it should store of \"{}\"",
                 m.backup_id,
                 pieces.len(),
                 f.path
-            )));
+            ));
+            continue;
         }
         let d: Vec<Digest> = pieces.into_iter().map(|(_, d)| d).collect();
         let found = to_hex(&file_digest(&d));
         if found != f.sha256 {
-            return Err(Error::Corrupt(format!(
+            problems.push(format!(
                 "content of \"{}\" in backup {} has digest {found}, expected {}",
                 f.path, m.backup_id, f.sha256
-            )));
+            ));
         }
     }
-    Ok(())
+    problems
+}
+
+/// [`file_digest_problems`], as an error for the first one.
+pub fn check_file_digests(
+    m: &Manifest,
+    digests: Vec<(u32, u32, Digest)>,
+    only: Option<&dyn Fn(u32) -> bool>,
+) -> Result<()> {
+    match file_digest_problems(m, digests, only).into_iter().next() {
+        Some(p) => Err(Error::Corrupt(p)),
+        None => Ok(()),
+    }
 }
 
 /// One thing wrong with a backup.
@@ -333,8 +368,7 @@ pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: 
     let dir = repo.backup_dir(id);
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.stored).sum();
     progress.start_phase("verify", total);
-    let layouts: Vec<Option<Vec<(u64, u64)>>> =
-        m.files.iter().map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64))).collect();
+    let index = PieceIndex::new(&m);
     let checksummed: Vec<Option<u32>> = m
         .files
         .iter()
@@ -349,26 +383,7 @@ pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: 
             st.bytes += meta.stored;
             Decompressor::new(m.compression)?.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
-                let Some(file) = m.files.get(rec.file as usize) else {
-                    return Err(Error::Corrupt(format!(
-                        "{name}: record {i} names file {}, not in the manifest",
-                        rec.file
-                    )));
-                };
-                let len = rec.data.len() as u64;
-                let piece = match &layouts[rec.file as usize] {
-                    None => (rec.offset < file.size
-                        && rec.offset % m.piece_size == 0
-                        && len == m.piece_size.min(file.size - rec.offset))
-                    .then_some((rec.offset / m.piece_size) as u32),
-                    Some(pieces) => pieces.binary_search(&(rec.offset, len)).ok().map(|k| k as u32),
-                };
-                let Some(piece) = piece else {
-                    return Err(Error::Corrupt(format!(
-                        "{name}: record {i} for \"{}\" holds {len} bytes at offset {}, not a piece of it",
-                        file.path, rec.offset
-                    )));
-                };
+                let (file, piece) = index.locate(rec, i, &name)?;
                 st.digests.push((rec.file, piece, sha256(rec.data)));
                 if let Some(segno) = checksummed[rec.file as usize] {
                     use crate::checksum::{header, page_checksum, worth_checking, BLCKSZ};
@@ -420,32 +435,9 @@ pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: 
         damaged.extend(st.damaged);
     }
     // File digests, for files without pieces in a damaged chunk (those are reported already).
-    let mut per_file: Vec<Vec<(u32, Digest)>> = vec![Vec::new(); m.files.len()];
-    for (f, p, d) in digests {
-        per_file[f as usize].push((p, d));
-    }
-    for (f, mut pieces) in m.files.iter().zip(per_file) {
-        if f.vanished || f.chunks.iter().any(|c| damaged.contains(c)) {
-            continue;
-        }
-        pieces.sort_by_key(|(p, _)| *p);
-        let expected = f.pieces(m.piece_size, m.block_size as u64).len();
-        let complete = pieces.len() == expected && pieces.iter().enumerate().all(|(k, (p, _))| k as u32 == *p);
-        let found = to_hex(&file_digest(&pieces.iter().map(|(_, d)| *d).collect::<Vec<_>>()));
-        if !complete {
-            check.problems.push(problem(
-                "files",
-                format!("backup {} holds {} of the {expected} pieces of \"{}\"", m.backup_id, pieces.len(), f.path),
-            ));
-        } else if found != f.sha256 {
-            check.problems.push(problem(
-                "files",
-                format!(
-                    "content of \"{}\" in backup {} has digest {found}, expected {}",
-                    f.path, m.backup_id, f.sha256
-                ),
-            ));
-        }
+    let healthy = |i: u32| !m.files[i as usize].chunks.iter().any(|c| damaged.contains(c));
+    for p in file_digest_problems(&m, digests, Some(&healthy)) {
+        check.problems.push(problem("files", p));
     }
     for c in &m.checksum_failures {
         check.problems.push(problem(

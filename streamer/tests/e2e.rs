@@ -124,17 +124,7 @@ fn backup_with_load_throughout_keeps_pgbench_invariant() {
     let v: Vec<i64> = sums.split(' ').map(|s| s.parse().unwrap()).collect();
     assert!(v[0] == v[1] && v[1] == v[2], "balances disagree after restore: {sums}");
     assert!(v[3] > 0, "no pgbench transaction made it into the backup: {sums}");
-    let amcheck = run(std::process::Command::new(pg_bin("pg_amcheck")).args(restored.conn()).args([
-        "--all",
-        "--install-missing",
-        "--heapallindexed",
-    ]));
-    assert!(
-        amcheck.status.success() && amcheck.stdout.is_empty(),
-        "pg_amcheck reported problems:\n{}{}",
-        String::from_utf8_lossy(&amcheck.stdout),
-        String::from_utf8_lossy(&amcheck.stderr)
-    );
+    assert_amcheck_clean(&restored, "restore under load");
 }
 
 /// A table and index in a user tablespace restore with and without --tablespace-map.

@@ -35,17 +35,7 @@ fn assert_physically_sane(c: &Cluster, what: &str) {
         );
         assert_eq!(bad, "0", "{what}: pg_visibility reports {bad} tuples in database {db}");
     }
-    let amcheck = run(std::process::Command::new(pg_bin("pg_amcheck")).args(c.conn()).args([
-        "--all",
-        "--install-missing",
-        "--heapallindexed",
-    ]));
-    assert!(
-        amcheck.status.success() && amcheck.stdout.is_empty(),
-        "{what}: pg_amcheck reported problems:\n{}{}",
-        String::from_utf8_lossy(&amcheck.stdout),
-        String::from_utf8_lossy(&amcheck.stderr)
-    );
+    assert_amcheck_clean(c, what);
 }
 
 /// full → incr → incr → diff → incr, a different change set before each;

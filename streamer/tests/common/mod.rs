@@ -267,6 +267,18 @@ pub fn restore_and_start(name: &str, repo: &Path, base: &Path, jobs: u32, extra:
     c
 }
 
+/// pg_amcheck finds no corrupt index or heap in any database (heapallindexed).
+pub fn assert_amcheck_clean(c: &Cluster, what: &str) {
+    let amcheck =
+        run(Command::new(pg_bin("pg_amcheck")).args(c.conn()).args(["--all", "--install-missing", "--heapallindexed"]));
+    assert!(
+        amcheck.status.success() && amcheck.stdout.is_empty(),
+        "{what}: pg_amcheck reported problems:\n{}{}",
+        String::from_utf8_lossy(&amcheck.stdout),
+        String::from_utf8_lossy(&amcheck.stderr)
+    );
+}
+
 /// Asserts two dumps are equal, showing the first difference.
 pub fn assert_same_dump(expected: &str, found: &str, what: &str) {
     if expected != found {

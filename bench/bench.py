@@ -505,8 +505,8 @@ def main():
     a.incr_tx = [int(x) for x in a.incr_tx.split(",")] if not a.quick else [100]
     if os.geteuid() != 0:
         sys.exit("bench: run as root (clusters run as postgres)")
-    if not BS.exists():
-        sh(["cargo", "build", "--release", "-p", "blockstream"])
+    print("cargo build --release -p blockstream ...", flush=True)
+    sh(["cargo", "build", "--release", "-p", "blockstream"])
     if a.scaling:
         a.scaling_scales = [int(x) for x in a.scaling_scales.split(",")]
         a.scaling_jobs = [int(x) for x in a.scaling_jobs.split(",")]
@@ -536,7 +536,9 @@ def main():
             b.validation()
         if "tracking" not in skip:
             b.tracking_overhead()
-        text = f"# Benchmarks\n\n{machine()}\n\n" + b.report()
+        cmd = " ".join(["python3 bench/bench.py"] + sys.argv[1:])
+        text = (f"# Benchmarks\n\nProduced by `{cmd}` (see README.md, Benchmarks).\n\n{machine()}\n\n"
+                + b.report())
         print("\n" + text)
         if not a.quick:
             Path(a.out).write_text(text)

@@ -5,6 +5,10 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes
+    // away (`blockstream info | head`) instead of panicking on EPIPE.
+    // SAFETY: restoring the default disposition of SIGPIPE at startup.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match cli::run() {
         Ok(code) => code,
         Err(e) => {

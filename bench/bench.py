@@ -57,6 +57,12 @@ def timed(cmd, user=None):
     return secs, usage.ru_maxrss / 1024
 
 
+def worker_cpu(pid):
+    """CPU seconds (user + system) a process has used, from /proc."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def du(path):
     total = 0
     for dirpath, _, files in os.walk(path):
@@ -307,6 +313,7 @@ pg1-socket-path=/tmp
         a = self.a
         tps = {True: [], False: []}
         self.tracking = {}
+        self.worker_cpu_share = []
         order = [False, True] * a.reps
         for i, on in enumerate(order):
             self.set_tracking(on)
@@ -314,10 +321,16 @@ pg1-socket-path=/tmp
             print(f"pgbench -c 2 -T {a.tps_seconds}, tracking {'on' if on else 'off'} ({i + 1}/{len(order)})", flush=True)
             wal0 = psql(PORT, "SELECT pg_current_wal_lsn()")
             sum0 = psql(PORT, "SELECT coalesce(sum(bytes), 0) FROM blocktrack.summaries()") if on else "0"
+            pid = psql(PORT, "SELECT worker_pid FROM blocktrack.status()") if on else ""
+            cpu0 = worker_cpu(pid) if on else 0.0
+            t0 = time.monotonic()
             out = sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-n", "-c", "2", "-T",
                       a.tps_seconds, "postgres"], capture=True)
             tps[on].append(float(out.split("tps = ")[1].split()[0]))
             if on:
+                # The summarizer's CPU time as a share of the machine during the run:
+                # a steadier measure of its cost than TPS on a noisy machine.
+                self.worker_cpu_share.append((worker_cpu(pid) - cpu0) / ((time.monotonic() - t0) * os.cpu_count()))
                 lag = int(psql(PORT, "SELECT pg_current_wal_flush_lsn() - pending_lsn FROM blocktrack.status()"))
                 wal = int(psql(PORT, f"SELECT pg_current_wal_lsn() - '{wal0}'"))
                 psql(PORT, "SELECT blocktrack.flush_summary()")
@@ -419,7 +432,10 @@ pg1-socket-path=/tmp
                 f"| off | {off:.0f} | {' '.join(f'{x:.0f}' for x in self.tps[False])} |",
                 f"| on | {on:.0f} | {' '.join(f'{x:.0f}' for x in self.tps[True])} |",
                 "",
-                f"- TPS cost of tracking: {100 * (off - on) / off:.1f}% (goal <= 3%)",
+                f"- TPS cost of tracking: {100 * (off - on) / off:.1f}% (goal <= 3%); pairwise (off, on): "
+                + ", ".join(f"{100 * (f - n) / f:+.1f}%" for f, n in zip(self.tps[False], self.tps[True])),
+                f"- summarizer CPU while pgbench ran: {100 * med(self.worker_cpu_share):.2f}% of the machine "
+                f"(runs {' '.join(f'{100 * x:.2f}%' for x in self.worker_cpu_share)})",
                 f"- summary bytes per GB of WAL: {t['summary'] / max(t['wal'], 1) * 2**30 / 2**20:.2f} MiB "
                 f"({t['summary']} bytes for {t['wal'] / 2**20:.0f} MiB of WAL in the last run)",
                 f"- summarizer lag when pgbench stopped: {t['lag']} bytes",

@@ -371,14 +371,16 @@ fn invalidated_slot_is_a_gap() {
     let c = tracked_cluster("gap", "max_slot_wal_keep_size = 32MB\nmax_wal_size = 64MB\nmin_wal_size = 32MB\n");
     c.sql("postgres", "CREATE TABLE filler (v text)");
     let a = flush(&c);
-    let pid = c.sql("postgres", "SELECT worker_pid FROM blocktrack.status()");
-    run_ok(std::process::Command::new("kill").args(["-STOP", &pid]));
+    let pid: i32 = c.sql("postgres", "SELECT worker_pid FROM blocktrack.status()").parse().unwrap();
+    // SAFETY: signalling the summarizer process of this test's own cluster.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     for _ in 0..6 {
         c.sql("postgres", "INSERT INTO filler SELECT repeat(md5(g::text), 100) FROM generate_series(1, 5000) g; SELECT pg_switch_wal();");
     }
     c.sql("postgres", "CHECKPOINT");
     let status = c.sql("postgres", "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pg_blocktrack'");
-    run_ok(std::process::Command::new("kill").args(["-CONT", &pid]));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     assert_eq!(status, "lost", "the slot was not invalidated");
     // The summarizer notices (now or after its restart) and tracks afresh.
     let mut ok = String::new();

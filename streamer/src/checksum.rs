@@ -72,32 +72,15 @@ pub fn worth_checking(page: &[u8], start_lsn: u64) -> bool {
     h.upper != 0 && h.lsn < start_lsn
 }
 
-/// Files that carry page checksums: relation segment files of any fork, not
-/// pg_control, pg_filenode.map, pg_internal.init or PG_VERSION.
-pub fn is_checksummed_file(path: &str) -> bool {
-    let Some((dir, name)) = path.rsplit_once('/') else { return false };
-    let relation_dir = dir == "global"
-        || dir.strip_prefix("base/").is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
-        || (dir.starts_with("pg_tblspc/") && dir.split('/').count() == 4);
-    let digits = name.bytes().take_while(u8::is_ascii_digit).count();
-    relation_dir && digits > 0 && {
-        let rest = &name[digits..];
-        let rest =
-            rest.strip_prefix("_fsm").or(rest.strip_prefix("_vm")).or(rest.strip_prefix("_init")).unwrap_or(rest);
-        rest.is_empty() || (rest.starts_with('.') && rest.len() > 1 && rest[1..].bytes().all(|b| b.is_ascii_digit()))
-    }
+/// The segment number of a file that carries page checksums (a relation
+/// segment file of any fork; not pg_control, pg_filenode.map,
+/// pg_internal.init or PG_VERSION), or None.
+pub fn segment_of_checksummed_file(path: &str) -> Option<u32> {
+    crate::pgdata::relation_file(path).map(|(_, segno)| segno)
 }
 
-/// The segment number of a file that carries page checksums, or None.
-pub fn segment_of_checksummed_file(path: &str) -> Option<u32> {
-    if !is_checksummed_file(path) {
-        return None;
-    }
-    let name = path.rsplit('/').next()?;
-    match name.rsplit_once('.') {
-        Some((_, seg)) => seg.parse().ok(),
-        None => Some(0),
-    }
+pub fn is_checksummed_file(path: &str) -> bool {
+    segment_of_checksummed_file(path).is_some()
 }
 
 #[cfg(test)]

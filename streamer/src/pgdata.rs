@@ -169,16 +169,40 @@ fn is_temp_relation(name: &str) -> bool {
         && rel.bytes().next().is_some_and(|b| b.is_ascii_digit())
 }
 
-/// The relfilenode a relation file name belongs to (`16384`, `16384_fsm`, `16384.2`).
-fn relfilenode_of(name: &str) -> Option<&str> {
+/// A relation file name, `<relfilenode>[_fsm|_vm|_init][.<segno>]`: its
+/// relfilenode, fork number (0 main, 1 fsm, 2 vm, 3 init) and segment.
+/// The one parser of PostgreSQL's relation file names in the project.
+pub fn relation_name(name: &str) -> Option<(&str, u8, u32)> {
     let end = name.find(|c: char| !c.is_ascii_digit()).unwrap_or(name.len());
     if end == 0 {
         return None;
     }
-    let rest = &name[end..];
-    let valid =
-        rest.is_empty() || rest.starts_with('.') || ["_fsm", "_vm", "_init"].iter().any(|f| rest.starts_with(f));
-    valid.then(|| &name[..end])
+    let (node, rest) = name.split_at(end);
+    let (fork, rest) = match rest {
+        r if r.starts_with("_fsm") => (1, &r[4..]),
+        r if r.starts_with("_vm") => (2, &r[3..]),
+        r if r.starts_with("_init") => (3, &r[5..]),
+        r => (0, r),
+    };
+    let segno = match rest.strip_prefix('.') {
+        None if rest.is_empty() => 0,
+        Some(seg) if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) => seg.parse().ok()?,
+        _ => return None,
+    };
+    Some((node, fork, segno))
+}
+
+/// The fork and segment of a relation file given by its path in the data
+/// directory (in `global/`, `base/<db>/` or `pg_tblspc/<spc>/<version>/<db>/`).
+pub fn relation_file(path: &str) -> Option<(u8, u32)> {
+    let (dir, name) = path.rsplit_once('/')?;
+    let relation_dir = dir == "global"
+        || dir.strip_prefix("base/").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        || (dir.starts_with("pg_tblspc/") && dir.split('/').count() == 4);
+    if !relation_dir {
+        return None;
+    }
+    relation_name(name).map(|(_, fork, segno)| (fork, segno))
 }
 
 fn walk(dir: &Path, rel: &str, top: bool, inv: &mut Inventory, seen: &mut HashSet<(u64, u64)>) -> Result<()> {
@@ -207,7 +231,7 @@ fn walk(dir: &Path, rel: &str, top: bool, inv: &mut Inventory, seen: &mut HashSe
         if is_temp_relation(name) {
             continue;
         }
-        if let Some(node) = relfilenode_of(name) {
+        if let Some((node, _, _)) = relation_name(name) {
             if unlogged.contains(node) && !name.ends_with("_init") && !name.contains("_init.") {
                 continue;
             }
@@ -300,11 +324,16 @@ mod tests {
         assert!(is_temp_relation("t3_16384_fsm"));
         assert!(!is_temp_relation("16384"));
         assert!(!is_temp_relation("tablespace_map"));
-        assert_eq!(relfilenode_of("16384"), Some("16384"));
-        assert_eq!(relfilenode_of("16384.2"), Some("16384"));
-        assert_eq!(relfilenode_of("16384_vm"), Some("16384"));
-        assert_eq!(relfilenode_of("PG_VERSION"), None);
-        assert_eq!(relfilenode_of("12abc"), None);
+        assert_eq!(relation_name("16384"), Some(("16384", 0, 0)));
+        assert_eq!(relation_name("16384.2"), Some(("16384", 0, 2)));
+        assert_eq!(relation_name("16384_vm"), Some(("16384", 2, 0)));
+        assert_eq!(relation_name("16384_fsm.3"), Some(("16384", 1, 3)));
+        assert_eq!(relation_name("PG_VERSION"), None);
+        assert_eq!(relation_name("12abc"), None);
+        assert_eq!(relation_name("12."), None);
+        assert_eq!(relation_file("base/5/16384_init"), Some((3, 0)));
+        assert_eq!(relation_file("pg_tblspc/1/PG_15_2/5/7.1"), Some((0, 1)));
+        assert_eq!(relation_file("pg_xact/0000"), None);
     }
 
     #[test]

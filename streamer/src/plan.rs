@@ -74,25 +74,7 @@ fn relation_base(path: &str) -> &str {
 /// The segment number of a main-fork relation segment file, or None for
 /// any other file.
 pub fn main_fork_segment(path: &str) -> Option<u32> {
-    let (dir, name) = path.rsplit_once('/')?;
-    let in_relation_dir = dir == "global"
-        || dir.strip_prefix("base/").is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
-        || (dir.starts_with("pg_tblspc/") && dir.split('/').count() == 4);
-    if !in_relation_dir {
-        return None;
-    }
-    let (rel, seg) = match name.split_once('.') {
-        Some((r, s)) => (r, Some(s)),
-        None => (name, None),
-    };
-    if rel.is_empty() || !rel.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    match seg {
-        None => Some(0),
-        Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
-        Some(_) => None,
-    }
+    crate::pgdata::relation_file(path).filter(|&(fork, _)| fork == 0).map(|(_, segno)| segno)
 }
 
 /// How to copy one file.

@@ -165,7 +165,6 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let id = repo.new_backup_id(backup_type, &lock)?;
     let dir = repo.backup_dir(&id);
     fs::create_dir(&dir).map_err(Error::io("create backup directory", &dir))?;
-    let label = if opts.label.is_some() { label } else { format!("blockstream {id}") };
     let start_time = timefmt::iso8601(SystemTime::now());
     if start.system_identifier != server.system_identifier {
         return Err(Error::Server(format!(

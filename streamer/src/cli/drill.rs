@@ -166,11 +166,8 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     // 3. Checks, database by database.
                     let t = Instant::now();
-                    let dbs: Vec<String> = conn("postgres")?
-                        .query("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1", &[])?
-                        .iter()
-                        .map(|r| r.get(0))
-                        .collect();
+                    let dbs =
+                        names(&mut conn("postgres")?, "SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")?;
                     for db in &dbs {
                         let mut c = match conn(db) {
                             Ok(c) => c,
@@ -185,31 +182,23 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
                             problems.push(format!("database {db}: amcheck or pg_visibility unavailable: {e}"));
                             continue;
                         }
-                        let idx: Vec<String> = c
-                            .query(
-                                "SELECT c.oid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                                 JOIN pg_am am ON am.oid = c.relam \
-                                 WHERE am.amname = 'btree' AND c.relpersistence <> 't' AND i.indisvalid AND i.indisready",
-                                &[],
-                            )?
-                            .iter()
-                            .map(|r| r.get(0))
-                            .collect();
+                        let idx = names(
+                            &mut c,
+                            "SELECT c.oid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                             JOIN pg_am am ON am.oid = c.relam \
+                             WHERE am.amname = 'btree' AND c.relpersistence <> 't' AND i.indisvalid AND i.indisready",
+                        )?;
                         for i in idx {
                             indexes += 1;
                             if let Err(e) = c.execute("SELECT bt_index_check($1::text::regclass, true)", &[&i]) {
                                 problems.push(format!("database {db}: index {i}: {}", db_error(&e)));
                             }
                         }
-                        let rels: Vec<String> = c
-                            .query(
-                                "SELECT oid::regclass::text FROM pg_class \
-                                 WHERE relkind IN ('r', 'm', 't') AND relpersistence = 'p'",
-                                &[],
-                            )?
-                            .iter()
-                            .map(|r| r.get(0))
-                            .collect();
+                        let rels = names(
+                            &mut c,
+                            "SELECT oid::regclass::text FROM pg_class \
+                             WHERE relkind IN ('r', 'm', 't') AND relpersistence = 'p'",
+                        )?;
                         for r in rels {
                             relations += 1;
                             let q = "SELECT (SELECT count(*) FROM pg_check_visible($1::text::regclass)) \
@@ -283,6 +272,11 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The first column of every row a query returns, as text.
+fn names(c: &mut Client, sql: &str) -> Result<Vec<String>, postgres::Error> {
+    Ok(c.query(sql, &[])?.iter().map(|r| r.get(0)).collect())
 }
 
 fn db_error(e: &postgres::Error) -> String {

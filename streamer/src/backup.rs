@@ -7,9 +7,7 @@
 //! fails anywhere before the manifest is renamed into place does not exist.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use crate::copy::{copy_pieces, CopyConfig, CopyOutcome, Piece};
@@ -17,13 +15,13 @@ use crate::error::{Error, Result};
 use crate::hash::{file_digest, to_hex, Digest};
 use crate::lsn::Lsn;
 use crate::manifest::{
-    fsync_dir, piece_layout, BackupType, ChecksumFailure, FileEntry, Incremental, Manifest, Stats, StreamEntry, FORMAT,
-    VERSION,
+    piece_layout, BackupType, ChecksumFailure, FileEntry, Incremental, Manifest, Stats, StreamEntry, FORMAT, VERSION,
 };
 use crate::pgdata::{self, SourceFile};
 use crate::plan::{ChangeSet, ChangedSegment, FileCopy, Planner};
 use crate::progress::Progress;
 use crate::repo::Repo;
+use crate::safe_fs;
 use crate::stream::StreamWriter;
 use crate::timefmt;
 
@@ -112,9 +110,31 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
             server.system_identifier
         )));
     }
+    if control.block_size != server.block_size || control.wal_segment_size as u64 != server.wal_segment_size {
+        return Err(Error::Server(format!(
+            "the server reports block size {} and WAL segment size {}, but \"{}\" says {} and {}",
+            server.block_size,
+            server.wal_segment_size,
+            opts.pgdata.join("global/pg_control").display(),
+            control.block_size,
+            control.wal_segment_size
+        )));
+    }
     let repo = Repo::open_or_create(&opts.repo, server.system_identifier, server.pg_version_num)?;
     let lock = repo.lock()?;
-    repo.remove_incomplete(&lock)?;
+    if let Some(holder) = &lock.taken_over {
+        progress.warn(format!(
+            "took over the lock of repository \"{}\" left by a process that died holding it ({holder})",
+            repo.root().display()
+        ));
+    }
+    let (_, foreign) = repo.remove_incomplete(&lock)?;
+    for f in foreign {
+        progress.warn(format!(
+            "\"{}\" is not a backup of this repository; left alone",
+            repo.backups_dir().join(f).display()
+        ));
+    }
 
     // The parent, when an incremental or differential backup is asked for.
     let mut full_reason = None;
@@ -136,7 +156,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     progress.start_phase("checkpoint", 0);
     let t = Instant::now();
     let start = session.start(&label, opts.fast, parent.as_ref().map(|p| (p.start_lsn, p.timeline)))?;
-    let mut server_secs = t.elapsed().as_secs_f64();
+    let server_secs = t.elapsed().as_secs_f64();
     let parent = match parent {
         Some(p) if start.incremental_ok => Some(p),
         Some(p) => {
@@ -164,7 +184,61 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     };
     let id = repo.new_backup_id(backup_type, &lock)?;
     let dir = repo.backup_dir(&id);
-    fs::create_dir(&dir).map_err(Error::io("create backup directory", &dir))?;
+    crate::repo::create_backup_dir(&dir)?;
+    // From here on a failure removes what this backup wrote (a kill leaves
+    // it to the next writer); nothing is listed without a manifest.
+    let result = copy_and_record(
+        opts,
+        session,
+        progress,
+        &repo,
+        &server,
+        &control,
+        Record {
+            id: id.clone(),
+            dir: dir.clone(),
+            backup_type,
+            parent,
+            changes,
+            start,
+            label,
+            full_reason,
+            server_secs,
+            began,
+        },
+    );
+    if result.is_err() {
+        repo.remove_failed(&id, &lock);
+    }
+    drop(lock);
+    result
+}
+
+/// What the first part of a backup decided, for the part that copies.
+struct Record {
+    id: String,
+    dir: PathBuf,
+    backup_type: BackupType,
+    parent: Option<Manifest>,
+    changes: Option<ChangeSet>,
+    start: StartInfo,
+    label: String,
+    full_reason: Option<String>,
+    server_secs: f64,
+    began: Instant,
+}
+
+/// Copies the files, stops the backup, copies WAL and writes the manifest.
+fn copy_and_record(
+    opts: &BackupOptions,
+    session: &mut dyn BackupSession,
+    progress: &Progress,
+    repo: &Repo,
+    server: &ServerInfo,
+    control: &pgdata::ControlFile,
+    rec: Record,
+) -> Result<Manifest> {
+    let Record { id, dir, backup_type, parent, changes, start, label, full_reason, mut server_secs, began } = rec;
     let start_time = timefmt::iso8601(SystemTime::now());
     if start.system_identifier != server.system_identifier {
         return Err(Error::Server(format!(
@@ -175,6 +249,9 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
 
     let inv =
         pgdata::scan(&opts.pgdata, &pgdata::tablespace_version_dir(server.pg_version_num, control.catalog_version))?;
+    for (path, why) in &inv.skipped {
+        progress.warn(format!("skipped \"{path}\": {why}"));
+    }
     let mut files = inv.files;
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
     let control_idx = files
@@ -213,6 +290,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let data_bytes: u64 = pieces.iter().map(|p| p.len).sum::<u64>() + files[control_idx].size;
     progress.start_phase("copy", data_bytes);
     let mut outcome = copy_pieces(&files, pieces, &mut writers, &copy_cfg, progress)?;
+    crate::failpoint::hit("data-copied");
     // pg_control goes last, after every other file has been read.
     let pieces = pieces_for(control_idx, &layout(control_idx, &files, &copies));
     outcome.merge(copy_pieces(&files, pieces, &mut writers[..1], &copy_cfg, progress)?);
@@ -248,6 +326,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let t = Instant::now();
     let stop = session.stop()?;
     server_secs += t.elapsed().as_secs_f64();
+    crate::failpoint::hit("backup-stopped");
     if stop.timeline != start.timeline {
         return Err(Error::Server(format!(
             "timeline changed from {} to {} during the backup (a promotion?): take the backup again",
@@ -263,6 +342,9 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let pieces: Vec<Piece> =
         (first_wal..files.len()).flat_map(|i| pieces_for(i, &layout(i, &files, &copies))).collect();
     progress.start_phase("wal", wal_bytes);
+    for w in writers.iter_mut() {
+        w.failpoint = "wal-chunk";
+    }
     let wal_outcome = copy_pieces(&files, pieces, &mut writers, &opts.copy, progress)?;
     if let Some(&v) = wal_outcome.vanished.first() {
         return Err(Error::Server(format!(
@@ -280,9 +362,9 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let layouts: Vec<usize> = (0..files.len()).map(|i| layout(i, &files, &copies).len()).collect();
     let entries = file_entries(&files, copies, &layouts, outcome)?;
 
-    write_durably(&dir.join("backup_label"), stop.backup_label.as_bytes())?;
+    safe_fs::write_durably(&dir, "backup_label", stop.backup_label.as_bytes(), safe_fs::FILE_MODE)?;
     if !stop.tablespace_map.is_empty() {
-        write_durably(&dir.join("tablespace_map"), stop.tablespace_map.as_bytes())?;
+        safe_fs::write_durably(&dir, "tablespace_map", stop.tablespace_map.as_bytes(), safe_fs::FILE_MODE)?;
     }
 
     let bytes_written: u64 = streams.iter().map(|s| s.bytes).sum();
@@ -308,6 +390,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         compression: opts.copy.compression,
         piece_size: opts.copy.piece_size,
         block_size: server.block_size,
+        relseg_size: control.relseg_size,
         full_reason,
         data_directory: inv.data_directory,
         tablespaces: inv.tablespaces,
@@ -335,8 +418,8 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     };
     manifest.validate()?;
     manifest.store(&dir)?;
-    fsync_dir(&repo.backups_dir())?;
-    drop(lock);
+    crate::failpoint::hit("manifest-renamed");
+    safe_fs::fsync_dir(&repo.backups_dir())?;
     Ok(manifest)
 }
 
@@ -410,10 +493,4 @@ fn file_entries(
         });
     }
     Ok(entries)
-}
-
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(Error::io("create", path))?;
-    f.write_all(bytes).map_err(Error::io("write", path))?;
-    f.sync_all().map_err(Error::io("fsync", path))
 }

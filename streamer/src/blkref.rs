@@ -30,13 +30,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::manifest::fsync_dir;
+use crate::safe_fs;
 
 pub const MAIN_FORK: u8 = 0;
 pub const FSM_FORK: u8 = 1;
@@ -96,29 +95,36 @@ impl RelFork {
     }
 }
 
-/// A set of block numbers, as a bitmap (32 kB covers a 1 GB segment).
+/// Blocks per bitmap chunk of a [`BlockSet`] (512 bytes of bits).
+const SET_CHUNK_BLOCKS: u32 = 4096;
+const SET_CHUNK_WORDS: usize = (SET_CHUNK_BLOCKS / 64) as usize;
+
+/// A set of block numbers: bitmaps of 4096 blocks, present only where a
+/// block is set, so memory follows the blocks inserted and never the
+/// largest block number (a block number read from a file cannot size an
+/// allocation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockSet {
-    words: Vec<u64>,
+    chunks: std::collections::BTreeMap<u32, Box<[u64; SET_CHUNK_WORDS]>>,
     count: u32,
 }
 
 impl BlockSet {
     pub fn insert(&mut self, block: u32) -> bool {
-        let (w, bit) = ((block / 64) as usize, block % 64);
-        if w >= self.words.len() {
-            self.words.resize(w + 1, 0);
-        }
-        let new = self.words[w] & (1 << bit) == 0;
+        let bits = self.chunks.entry(block / SET_CHUNK_BLOCKS).or_insert_with(|| Box::new([0; SET_CHUNK_WORDS]));
+        let i = block % SET_CHUNK_BLOCKS;
+        let (w, bit) = ((i / 64) as usize, i % 64);
+        let new = bits[w] & (1 << bit) == 0;
         if new {
-            self.words[w] |= 1 << bit;
+            bits[w] |= 1 << bit;
             self.count += 1;
         }
         new
     }
 
     pub fn contains(&self, block: u32) -> bool {
-        self.words.get((block / 64) as usize).is_some_and(|w| w & (1 << (block % 64)) != 0)
+        let i = block % SET_CHUNK_BLOCKS;
+        self.chunks.get(&(block / SET_CHUNK_BLOCKS)).is_some_and(|bits| bits[(i / 64) as usize] & (1 << (i % 64)) != 0)
     }
 
     pub fn len(&self) -> u32 {
@@ -129,22 +135,24 @@ impl BlockSet {
         self.count == 0
     }
 
-    /// Bytes of memory the bitmap holds.
+    /// Bytes of memory the bitmaps hold.
     pub fn memory(&self) -> usize {
-        self.words.capacity() * 8
+        self.chunks.len() * (SET_CHUNK_WORDS * 8 + 32)
     }
 
     /// Blocks in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.words.iter().enumerate().flat_map(|(i, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let b = w.trailing_zeros();
-                w &= w - 1;
-                Some(i as u32 * 64 + b)
+        self.chunks.iter().flat_map(|(&c, bits)| {
+            bits.iter().enumerate().flat_map(move |(i, &w)| {
+                let mut w = w;
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let b = w.trailing_zeros();
+                    w &= w - 1;
+                    Some(c * SET_CHUNK_BLOCKS + i as u32 * 64 + b)
+                })
             })
         })
     }
@@ -456,19 +464,19 @@ pub fn write_summary(dir: &Path, h: &SummaryHeader, table: &BlockRefTable) -> Re
     Ok(dir.join(name))
 }
 
+/// Files in the data directory get PostgreSQL's own mode.
+const PGDATA_FILE_MODE: u32 = 0o600;
+
+/// Summary files larger than this are refused unread (a summary of 64 GB of
+/// block table encodes to far less).
+pub const MAX_SUMMARY_BYTES: u64 = 8 << 30;
+
 fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-    f.write_all(bytes).map_err(Error::io("write", &tmp))?;
-    f.sync_all().map_err(Error::io("fsync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(Error::io("rename into place", &path))?;
-    fsync_dir(dir)
+    safe_fs::write_durably(dir, name, bytes, PGDATA_FILE_MODE)
 }
 
 pub fn read_summary(path: &Path) -> Result<(SummaryHeader, BlockRefTable)> {
-    let bytes = fs::read(path).map_err(Error::io("read", path))?;
+    let bytes = safe_fs::read_regular(path, MAX_SUMMARY_BYTES)?;
     decode_summary(&bytes, &path.display())
 }
 
@@ -580,10 +588,10 @@ impl TrackerState {
     /// Reads `dir/state`; `None` when there is none.
     pub fn load(dir: &Path) -> Result<Option<TrackerState>> {
         let path = dir.join("state");
-        match fs::read(&path) {
+        match safe_fs::read_regular(&path, STATE_LEN as u64) {
             Ok(b) => TrackerState::decode(&b, &path.display()).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io { op: "read", path, source: e }),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

@@ -117,6 +117,12 @@ impl Decompressor {
         what: &dyn fmt::Display,
     ) -> Result<()> {
         out.clear();
+        if raw_len as u64 > crate::manifest::limits::CHUNK_RAW {
+            return Err(Error::Corrupt(format!(
+                "{what} claims {raw_len} raw bytes, more than a chunk can hold ({})",
+                crate::manifest::limits::CHUNK_RAW
+            )));
+        }
         match &mut self.zstd {
             None => out.extend_from_slice(stored),
             Some(z) => {

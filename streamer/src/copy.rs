@@ -10,6 +10,7 @@
 //! threads are joined.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -181,7 +182,8 @@ fn stream_worker(
         progress.check_cancel()?;
         let src = &files[piece.file as usize];
         if open.as_ref().map(|(f, _)| *f) != Some(piece.file) {
-            open = match File::open(&src.abs) {
+            // Never through a symbolic link: the scan listed a regular file.
+            open = match File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&src.abs) {
                 Ok(f) => Some((piece.file, f)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     out.vanished.push(piece.file);
@@ -193,7 +195,13 @@ fn stream_worker(
         let Some((_, file)) = &open else { continue };
         throttle.take(piece.len);
         let map = GuardedMap::map(file, piece.offset, piece.len as usize).map_err(Error::io("map", &src.abs))?;
-        let data = map.data();
+        // The live file is read exactly once, into the chunk; the digest and
+        // the page checksums are taken from that copy, so they describe the
+        // stored bytes even when PostgreSQL writes or truncates the file
+        // meanwhile.
+        let data = chunk.push(piece.file, piece.offset, map.data());
+        let truncated = map.truncated();
+        drop(map);
         if let Some(start) = cfg.verify_checksums_before {
             let t = Instant::now();
             check_pages(file, src, piece, data, start, &mut out);
@@ -204,11 +212,9 @@ fn stream_worker(
         if out.locations.last() != Some(&loc) {
             out.locations.push(loc);
         }
-        chunk.push(piece.file, piece.offset, data);
-        if map.truncated() {
+        if truncated {
             out.truncated.push(piece.file);
         }
-        drop(map);
         out.bytes_read += piece.len;
         progress.add(piece.len);
         if chunk.raw_len() >= cfg.chunk_size {

@@ -10,6 +10,10 @@
 //! - [`stream`] owns the bytes of a stream file and of the chunks inside it;
 //! - [`manifest`] owns `manifest.json`, the only proof that a backup exists;
 //! - [`repo`] owns the repository layout, its identity file and its lock;
+//!   [`safe_fs`] is how every repository file is opened and written (no
+//!   symbolic link followed, nothing but regular files read, modes 0640/0750);
+//! - [`pg_control`] decodes PostgreSQL's control file;
+//! - [`privs`] keeps restore from writing as root;
 //! - [`backup`] and [`restore`] are the two commands built on top, [`chain`]
 //!   resolves which backup of a chain each restored block comes from;
 //! - [`verify`] checks stored chunks against their digests, [`checksum`]
@@ -20,21 +24,26 @@
 //! implemented by the command line (over libpq) and by the extension (over SPI).
 
 pub mod backup;
+pub mod backup_label;
 pub mod blkref;
 pub mod chain;
 pub mod checksum;
 pub mod codec;
 pub mod copy;
 pub mod error;
+pub mod failpoint;
 pub mod guard;
 pub mod hash;
 pub mod lsn;
 pub mod manifest;
+pub mod pg_control;
 pub mod pgdata;
 pub mod plan;
+pub mod privs;
 pub mod progress;
 pub mod repo;
 pub mod restore;
+pub mod safe_fs;
 pub mod stream;
 pub mod timefmt;
 pub mod verify;

@@ -8,8 +8,6 @@
 //! scheme of PostgreSQL's `backup_manifest`), so damage anywhere is caught
 //! before a single field is trusted.
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +16,7 @@ use crate::codec::Compression;
 use crate::error::{Error, Result};
 use crate::hash::{sha256, to_hex};
 use crate::lsn::Lsn;
+use crate::safe_fs;
 use crate::stream::stream_file_name;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -67,6 +66,9 @@ pub struct Manifest {
     /// PostgreSQL's block size (BLCKSZ): the unit of incremental copies.
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// Blocks per relation segment file (RELSEG_SIZE).
+    #[serde(default = "default_relseg_size")]
+    pub relseg_size: u32,
     /// Why a full backup was taken when an incremental one was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_reason: Option<String>,
@@ -256,6 +258,10 @@ fn default_block_size() -> u32 {
     8192
 }
 
+fn default_relseg_size() -> u32 {
+    131_072
+}
+
 /// A path from a manifest is safe when it is relative, non-empty and has no
 /// `..`, `.` or empty components; restore writes nothing else.
 pub fn check_relative_path(p: &str) -> Result<()> {
@@ -282,86 +288,212 @@ pub fn check_relative_path(p: &str) -> Result<()> {
     Ok(())
 }
 
+/// Limits of the format. Every length or count a manifest gives is checked
+/// against these, or against what the manifest itself holds, before it sizes
+/// an allocation or a loop.
+pub mod limits {
+    /// A manifest file is read whole; larger ones are refused.
+    pub const MANIFEST_BYTES: u64 = 2 << 30;
+    /// PostgreSQL's block sizes (`--with-blocksize`): 1 to 32 kB, powers of two.
+    pub const BLOCK_SIZE: std::ops::RangeInclusive<u32> = 1024..=32768;
+    /// PostgreSQL's WAL segment sizes (`initdb --wal-segsize`): 1 MB to 1 GB, powers of two.
+    pub const WAL_SEGMENT_SIZE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 30);
+    /// Pieces: powers of two from 64 kB to 64 MB (the copy uses 1 MB).
+    pub const PIECE_SIZE: std::ops::RangeInclusive<u64> = (64 << 10)..=(64 << 20);
+    /// Blocks per relation segment file (`--with-segsize`): up to 2^31 - 1.
+    pub const RELSEG_SIZE: std::ops::RangeInclusive<u32> = 1..=(u32::MAX >> 1);
+    /// A chunk's raw (decompressed) size: the copy closes a chunk at 64 MB at
+    /// most, plus the piece that crossed the line and record headers.
+    pub const CHUNK_RAW: u64 = 192 << 20;
+    /// What zstd may add to incompressible input, with room to spare.
+    pub fn stored_bound(raw: u64) -> u64 {
+        raw + (raw >> 7) + 1024
+    }
+}
+
+/// A tablespace location is a clean absolute path: no `.`, `..` or empty
+/// components, no trailing slash, no NUL or newline.
+pub fn check_absolute_path(p: &str) -> std::result::Result<(), &'static str> {
+    if !p.starts_with('/') {
+        return Err("it is not absolute");
+    }
+    if p == "/" {
+        return Err("it is the root directory");
+    }
+    if p.contains('\0') || p.contains('\n') || p.contains('\r') {
+        return Err("it contains a NUL byte or a line break");
+    }
+    if p.len() > 1 && p[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err("it has an empty, \".\" or \"..\" component");
+    }
+    Ok(())
+}
+
 impl Manifest {
-    /// Checks what restore relies on: safe paths, chunk references inside
-    /// the stream lists, stream names, tablespace locations.
-    pub fn validate(&self) -> Result<()> {
-        if self.format != FORMAT || self.version != VERSION {
-            return Err(Error::Corrupt(format!(
-                "manifest of backup {} has format \"{}\" version {}, expected \"{FORMAT}\" version {VERSION}",
-                self.backup_id, self.format, self.version
-            )));
+    /// Bytes of content the backup stores of a file that did not vanish: the
+    /// whole file, or its runs of blocks (cut at the file's end).
+    fn stored_bytes(&self, f: &FileEntry) -> u128 {
+        match &f.incremental {
+            None => f.size as u128,
+            Some(inc) => inc
+                .runs
+                .iter()
+                .map(|&(s, n)| {
+                    let from = s as u128 * self.block_size as u128;
+                    let to = ((s as u128 + n as u128) * self.block_size as u128).min(f.size as u128);
+                    to.saturating_sub(from)
+                })
+                .sum(),
         }
-        if self.piece_size == 0 || self.block_size == 0 || !self.piece_size.is_multiple_of(self.block_size as u64) {
-            return Err(Error::Corrupt(format!(
-                "manifest of backup {} has piece_size {} and block_size {}: pieces must be whole blocks",
-                self.backup_id, self.piece_size, self.block_size
-            )));
+    }
+
+    /// Checks what every reader relies on: sizes within the format's limits,
+    /// safe paths, chunk references inside the stream lists, chunks laid out
+    /// inside their streams, stream names, tablespace locations, and that the
+    /// content the files claim fits in the chunks that hold it. Every error
+    /// names the field and its value.
+    pub fn validate(&self) -> Result<()> {
+        let id = &self.backup_id;
+        let bad = |why: String| Err(Error::Corrupt(format!("manifest of backup {id} {why}")));
+        if self.format != FORMAT || self.version != VERSION {
+            return bad(format!(
+                "has format \"{}\" version {}, expected \"{FORMAT}\" version {VERSION}",
+                self.format, self.version
+            ));
+        }
+        if !crate::repo::is_backup_id(id) || !id.ends_with(self.backup_type.letter()) {
+            return bad(format!("has backup_id \"{id}\" of type {:?}: not a backup id of that type", self.backup_type));
+        }
+        if let Some(p) = &self.parent {
+            if !crate::repo::is_backup_id(p) || p >= id {
+                return bad(format!("has parent \"{p}\", which is not the id of an earlier backup"));
+            }
         }
         if (self.backup_type == BackupType::Full) != self.parent.is_none() {
-            return Err(Error::Corrupt(format!(
-                "manifest of backup {} is of type {:?} with parent {:?}",
-                self.backup_id, self.backup_type, self.parent
-            )));
+            return bad(format!("is of type {:?} with parent {:?}", self.backup_type, self.parent));
         }
+        if !limits::BLOCK_SIZE.contains(&self.block_size) || !self.block_size.is_power_of_two() {
+            return bad(format!("has block_size {}, expected a power of two from 1024 to 32768", self.block_size));
+        }
+        if !limits::WAL_SEGMENT_SIZE.contains(&self.wal_segment_size) || !self.wal_segment_size.is_power_of_two() {
+            return bad(format!(
+                "has wal_segment_size {}, expected a power of two from 1 MB to 1 GB",
+                self.wal_segment_size
+            ));
+        }
+        if !limits::PIECE_SIZE.contains(&self.piece_size)
+            || !self.piece_size.is_power_of_two()
+            || self.piece_size < self.block_size as u64
+        {
+            return bad(format!(
+                "has piece_size {} (block_size {}), expected a power of two from 64 kB to 64 MB, of whole blocks",
+                self.piece_size, self.block_size
+            ));
+        }
+        if !limits::RELSEG_SIZE.contains(&self.relseg_size) {
+            return bad(format!("has relseg_size {}, expected 1 to {}", self.relseg_size, limits::RELSEG_SIZE.end()));
+        }
+        if self.timeline == 0 {
+            return bad("has timeline 0".into());
+        }
+        if self.stop_lsn < self.start_lsn {
+            return bad(format!("has stop_lsn {} before its start_lsn {}", self.stop_lsn, self.start_lsn));
+        }
+        // Every WAL segment from start to stop is one file of the backup.
+        let seg = self.wal_segment_size;
+        let segments =
+            self.stop_lsn.previous_segment(seg).max(self.start_lsn.segment(seg)) - self.start_lsn.segment(seg) + 1;
+        if segments > self.files.len() as u64 {
+            return bad(format!(
+                "has a WAL range from {} to {} of {segments} segments, but lists only {} files",
+                self.start_lsn,
+                self.stop_lsn,
+                self.files.len()
+            ));
+        }
+
+        let mut total_raw: u128 = 0;
         for (i, s) in self.streams.iter().enumerate() {
             if s.name != stream_file_name(i) {
-                return Err(Error::Corrupt(format!(
-                    "manifest of backup {} names stream {i} \"{}\", expected \"{}\"",
-                    self.backup_id,
-                    s.name,
-                    stream_file_name(i)
-                )));
+                return bad(format!("names stream {i} \"{}\", expected \"{}\"", s.name, stream_file_name(i)));
+            }
+            let mut end = crate::stream::HEADER_LEN;
+            for (k, c) in s.chunks.iter().enumerate() {
+                let fits = c.offset >= end
+                    && c.raw <= limits::CHUNK_RAW
+                    && c.stored <= limits::stored_bound(c.raw)
+                    && c.offset.checked_add(c.stored).is_some_and(|e| e <= s.bytes);
+                if !fits || c.sha256.len() != 64 {
+                    return bad(format!(
+                        "places chunk {k} of {} at offset {} with {} stored and {} raw bytes: outside the stream's {} bytes, overlapping chunk {}, or larger than a chunk can be",
+                        s.name,
+                        c.offset,
+                        c.stored,
+                        c.raw,
+                        s.bytes,
+                        k.saturating_sub(1)
+                    ));
+                }
+                end = c.offset + c.stored;
+                total_raw += c.raw as u128;
             }
         }
         for d in &self.directories {
             check_relative_path(&d.path)?;
         }
         let mut seen = std::collections::HashSet::new();
+        let segment_bytes = self.relseg_size as u64 * self.block_size as u64;
+        let mut content: u128 = 0;
         for f in &self.files {
             check_relative_path(&f.path)?;
             if !seen.insert(f.path.as_str()) {
-                return Err(Error::Corrupt(format!("manifest lists file \"{}\" twice", f.path)));
+                return bad(format!("lists file \"{}\" twice", f.path));
             }
             if let Some(inc) = &f.incremental {
+                if self.parent.is_none() {
+                    return bad(format!("lists \"{}\" as incremental in a full backup", f.path));
+                }
+                if f.size > segment_bytes {
+                    return bad(format!(
+                        "gives incremental file \"{}\" size {}, larger than a relation segment ({segment_bytes} bytes)",
+                        f.path, f.size
+                    ));
+                }
                 let blocks = f.size.div_ceil(self.block_size as u64);
                 let mut end = 0u64;
                 for &(start, count) in &inc.runs {
                     if count == 0 || (start as u64) < end || start as u64 + count as u64 > blocks {
-                        return Err(Error::Corrupt(format!(
-                            "manifest gives \"{}\" the block run ({start}, {count}), out of order or past its {blocks} blocks",
+                        return bad(format!(
+                            "gives \"{}\" the block run ({start}, {count}), out of order or past its {blocks} blocks",
                             f.path
-                        )));
+                        ));
                     }
                     end = start as u64 + count as u64;
-                }
-                if self.parent.is_none() {
-                    return Err(Error::Corrupt(format!(
-                        "manifest of full backup {} lists \"{}\" as incremental",
-                        self.backup_id, f.path
-                    )));
                 }
             }
             for &(s, c) in &f.chunks {
                 let ok = self.streams.get(s as usize).is_some_and(|st| (c as usize) < st.chunks.len());
                 if !ok {
-                    return Err(Error::Corrupt(format!(
-                        "manifest places file \"{}\" in chunk {c} of stream {s}, which does not exist",
-                        f.path
-                    )));
+                    return bad(format!("places file \"{}\" in chunk {c} of stream {s}, which does not exist", f.path));
                 }
             }
+            if !f.vanished {
+                content += self.stored_bytes(f);
+            }
+        }
+        if content > total_raw {
+            return bad(format!("lists {content} bytes of file content, but its chunks hold only {total_raw} bytes"));
         }
         let mut oids = std::collections::HashSet::new();
         for t in &self.tablespaces {
-            if !t.location.starts_with('/') || t.location.split('/').any(|c| c == "..") {
-                return Err(Error::Corrupt(format!(
-                    "manifest gives tablespace {} the location \"{}\", which is not an absolute path without \"..\"",
+            if let Err(why) = check_absolute_path(&t.location) {
+                return bad(format!(
+                    "gives tablespace {} the location \"{}\", which is refused: {why}",
                     t.oid, t.location
-                )));
+                ));
             }
             if !oids.insert(t.oid) {
-                return Err(Error::Corrupt(format!("manifest lists tablespace {} twice", t.oid)));
+                return bad(format!("lists tablespace {} twice", t.oid));
             }
         }
         Ok(())
@@ -402,30 +534,17 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Reads and checks `dir/manifest.json`.
+    /// Reads and checks `dir/manifest.json` (a regular file, no symbolic link).
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
-        let bytes = fs::read(&path).map_err(Error::io("read", &path))?;
+        let bytes = safe_fs::read_regular(&path, limits::MANIFEST_BYTES)?;
         Manifest::from_bytes(&bytes, &path)
     }
 
-    /// Writes `dir/manifest.json` atomically and durably: temporary file,
-    /// fsync, rename, fsync of the directory.
+    /// Writes `dir/manifest.json` atomically and durably (mode 0640).
     pub fn store(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
-        let path = dir.join(MANIFEST_FILE);
-        let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-        f.write_all(&self.to_bytes()).map_err(Error::io("write", &tmp))?;
-        f.sync_all().map_err(Error::io("fsync", &tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(Error::io("rename into place", &path))?;
-        fsync_dir(dir)
+        safe_fs::write_durably(dir, MANIFEST_FILE, &self.to_bytes(), safe_fs::FILE_MODE)
     }
-}
-
-/// Makes a directory's entries durable.
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("fsync directory", dir))
 }
 
 #[cfg(test)]
@@ -452,6 +571,7 @@ pub(crate) mod tests {
             compression: Compression::Zstd { level: 3 },
             piece_size: 1 << 20,
             block_size: 8192,
+            relseg_size: 131_072,
             full_reason: None,
             data_directory: Owner { mode: 0o700, uid: 1, gid: 1 },
             tablespaces: vec![],

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::lsn::{wal_file_name, Lsn};
 use crate::manifest::{DirEntry, Owner, Tablespace};
+pub use crate::pg_control::ControlFile;
+use crate::safe_fs;
 
 /// Directories kept, but empty.
 const EXCLUDE_DIR_CONTENTS: &[&str] =
@@ -54,40 +56,25 @@ pub struct Inventory {
     pub dirs: Vec<DirEntry>,
     pub tablespaces: Vec<Tablespace>,
     pub data_directory: Owner,
+    /// Entries left out, and why (symbolic links other than `pg_wal` and
+    /// tablespaces are never followed).
+    pub skipped: Vec<(String, String)>,
 }
 
-/// The fields of `global/pg_control` the engine needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ControlFile {
-    pub system_identifier: u64,
-    pub pg_control_version: u32,
-    pub catalog_version: u32,
-}
-
+/// Reads and checks `global/pg_control` of a data directory.
 pub fn read_control_file(pgdata: &Path) -> Result<ControlFile> {
     let path = pgdata.join("global/pg_control");
-    let bytes = fs::read(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
+    let bytes = safe_fs::read_regular(&path, crate::pg_control::MAX_LEN as u64).map_err(|e| {
+        if e.is_not_found() {
             Error::Usage(format!(
                 "\"{}\" is not a PostgreSQL data directory: global/pg_control is missing",
                 pgdata.display()
             ))
         } else {
-            Error::Io { op: "read", path: path.clone(), source: e }
+            e
         }
     })?;
-    if bytes.len() < 16 {
-        return Err(Error::Corrupt(format!(
-            "\"{}\" is {} bytes, too short for a control file",
-            path.display(),
-            bytes.len()
-        )));
-    }
-    Ok(ControlFile {
-        system_identifier: u64::from_ne_bytes(bytes[0..8].try_into().unwrap()),
-        pg_control_version: u32::from_ne_bytes(bytes[8..12].try_into().unwrap()),
-        catalog_version: u32::from_ne_bytes(bytes[12..16].try_into().unwrap()),
-    })
+    ControlFile::parse(&bytes, &path.display())
 }
 
 /// `PG_15_202209061`: the directory a tablespace holds for this server version.
@@ -95,9 +82,12 @@ pub fn tablespace_version_dir(pg_version_num: u32, catalog_version: u32) -> Stri
     format!("PG_{}_{}", pg_version_num / 10000, catalog_version)
 }
 
-/// Lists what a backup of `pgdata` copies. Symbolic links other than
-/// tablespaces are followed and copied as what they point to (as pg_basebackup
-/// does for `pg_wal`).
+/// Lists what a backup of `pgdata` copies. Symbolic links are followed only
+/// where PostgreSQL puts them: `pg_wal` (copied as a directory) and the
+/// tablespace links in `pg_tblspc`. Any other symbolic link is skipped and
+/// named in [`Inventory::skipped`]: a link made inside the data directory to
+/// a file its owner cannot read must not end up readable in a backup taken
+/// by root.
 pub fn scan(pgdata: &Path, tablespace_dir: &str) -> Result<Inventory> {
     let md = fs::metadata(pgdata).map_err(Error::io("stat data directory", pgdata))?;
     let mut inv = Inventory {
@@ -135,7 +125,7 @@ pub fn scan(pgdata: &Path, tablespace_dir: &str) -> Result<Inventory> {
             });
             let vdir = location.join(tablespace_dir);
             let rel = format!("pg_tblspc/{oid}/{tablespace_dir}");
-            match fs::metadata(&vdir) {
+            match fs::symlink_metadata(&vdir) {
                 Ok(vmd) if vmd.is_dir() => {
                     inv.dirs.push(dir_entry(&rel, &vmd));
                     walk(&vdir, &rel, false, &mut inv, &mut seen)?;
@@ -238,11 +228,24 @@ fn walk(dir: &Path, rel: &str, top: bool, inv: &mut Inventory, seen: &mut HashSe
         }
         let path = dir.join(name);
         let child = join_rel(rel, name);
-        let md = match fs::metadata(&path) {
+        let md = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             // Gone since the listing (a dropped relation): WAL replay removes it too.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::Io { op: "stat", path, source: e }),
+        };
+        let md = if md.file_type().is_symlink() {
+            let expected = top && (name == "pg_wal" || name == "pg_tblspc");
+            let target = fs::read_link(&path).map(|t| t.display().to_string()).unwrap_or_default();
+            match fs::metadata(&path) {
+                Ok(m) if expected && m.is_dir() => m,
+                _ => {
+                    inv.skipped.push((child, format!("a symbolic link (to \"{target}\") is not followed")));
+                    continue;
+                }
+            }
+        } else {
+            md
         };
         if md.is_dir() {
             inv.dirs.push(dir_entry(&child, &md));
@@ -291,7 +294,7 @@ pub fn wal_files(pgdata: &Path, tli: u32, start: Lsn, stop: Lsn, segment_size: u
     for segno in start.segment(segment_size)..=stop.previous_segment(segment_size).max(start.segment(segment_size)) {
         let name = wal_file_name(tli, segno, segment_size);
         let path = wal.join(&name);
-        let md = fs::metadata(&path).map_err(|e| {
+        let md = fs::symlink_metadata(&path).map_err(|e| {
             Error::Server(format!(
                 "WAL segment {name} needed from {start} to {stop} is not in \"{}\": {e}",
                 wal.display()
@@ -304,6 +307,9 @@ pub fn wal_files(pgdata: &Path, tli: u32, start: Lsn, stop: Lsn, segment_size: u
         let name = e.file_name().to_string_lossy().into_owned();
         if name.len() == 16 && name.ends_with(".history") {
             let md = e.metadata().map_err(Error::io("stat", &e.path()))?;
+            if !md.is_file() {
+                continue;
+            }
             out.push(source_file(format!("pg_wal/{name}"), e.path(), &md));
         }
     }
@@ -360,9 +366,14 @@ mod tests {
         ] {
             fs::write(root.join(f), b"x").unwrap();
         }
+        std::os::unix::fs::symlink("/etc/shadow", root.join("base/5/16999")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("base/6")).unwrap();
         let inv = scan(&root, "PG_15_1").unwrap();
         let files: Vec<&str> = inv.files.iter().map(|f| f.rel.as_str()).collect();
         assert_eq!(files, vec!["PG_VERSION", "base/5/1259", "base/5/16384_init", "global/pg_control"]);
+        let skipped: Vec<&str> = inv.skipped.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(skipped, vec!["base/5/16999", "base/6"]);
+        assert!(inv.skipped[0].1.contains("(to \"/etc/shadow\") is not followed"), "{:?}", inv.skipped);
         let dirs: Vec<&str> = inv.dirs.iter().map(|d| d.path.as_str()).collect();
         assert!(dirs.contains(&"pg_wal") && dirs.contains(&"pg_wal/archive_status") && dirs.contains(&"pg_stat_tmp"));
         assert!(!dirs.iter().any(|d| d.starts_with("pg_blocktrack")));

@@ -15,6 +15,7 @@ pub struct Progress {
     done: AtomicU64,
     phase: Mutex<String>,
     cancel: AtomicBool,
+    warnings: Mutex<Vec<String>>,
 }
 
 impl Progress {
@@ -32,6 +33,16 @@ impl Progress {
     /// (phase, bytes done, bytes total)
     pub fn snapshot(&self) -> (String, u64, u64) {
         (self.phase.lock().unwrap().clone(), self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+    }
+
+    /// Records a warning for whoever runs the engine to show.
+    pub fn warn(&self, msg: String) {
+        self.warnings.lock().unwrap().push(msg);
+    }
+
+    /// The warnings recorded since the last call.
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().unwrap())
     }
 
     pub fn cancel(&self) {

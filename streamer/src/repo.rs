@@ -8,10 +8,15 @@
 //! ```
 //!
 //! A directory under `backups/` without `manifest.json` is a backup that never
-//! finished; it is invisible to every reader and removed by the next writer.
+//! finished; it is invisible to every reader and removed by the next writer
+//! (only when its name is a backup id and it holds nothing but the files a
+//! backup writes).
+//!
+//! Everything is created with mode 0750 (directories) or 0640 (files),
+//! whatever the umask: a repository holds the whole database.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -19,7 +24,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::manifest::{fsync_dir, BackupType, Manifest, MANIFEST_FILE};
+use crate::manifest::{limits, BackupType, Manifest, MANIFEST_FILE};
+use crate::safe_fs::{self, DIR_MODE, FILE_MODE};
 use crate::timefmt;
 
 pub const REPO_FILE: &str = "repo.json";
@@ -44,16 +50,25 @@ pub struct Repo {
 /// Held while a process writes to the repository; released on drop (or death).
 #[derive(Debug)]
 pub struct RepoLock {
-    _file: File,
+    file: File,
+    /// The holder recorded by a process that died holding the lock.
+    pub taken_over: Option<String>,
+}
+
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        // A clean release leaves the file empty; the kernel drops the flock with the descriptor.
+        let _ = self.file.set_len(0);
+    }
 }
 
 impl Repo {
     /// Opens an existing repository.
     pub fn open(root: &Path) -> Result<Repo> {
         let file = root.join(REPO_FILE);
-        let bytes = match fs::read(&file) {
+        let bytes = match safe_fs::read_regular(&file, 1 << 20) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.is_not_found() => {
                 return Err(if root.exists() {
                     Error::Usage(format!(
                         "\"{}\" is not a blockstream repository: {REPO_FILE} is missing",
@@ -63,7 +78,7 @@ impl Repo {
                     Error::Usage(format!("repository \"{}\" does not exist", root.display()))
                 });
             }
-            Err(e) => return Err(Error::Io { op: "read", path: file, source: e }),
+            Err(e) => return Err(e),
         };
         let info: RepoInfo = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Corrupt(format!("\"{}\" does not parse: {e}", file.display())))?;
@@ -87,7 +102,11 @@ impl Repo {
             Err(e) => return Err(Error::Io { op: "read directory", path: root.to_path_buf(), source: e }),
         };
         if empty {
-            fs::create_dir_all(root.join("backups")).map_err(Error::io("create repository", root))?;
+            if let Some(parent) = root.parent() {
+                fs::create_dir_all(parent).map_err(Error::io("create repository", root))?;
+            }
+            safe_fs::create_dir(root, DIR_MODE)?;
+            safe_fs::create_dir(&root.join("backups"), DIR_MODE)?;
             let info = RepoInfo {
                 format: REPO_FORMAT.into(),
                 version: REPO_VERSION,
@@ -95,13 +114,8 @@ impl Repo {
                 pg_version_num,
                 created: timefmt::iso8601(SystemTime::now()),
             };
-            let file = root.join(REPO_FILE);
-            let tmp = root.join(format!("{REPO_FILE}.tmp"));
-            let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-            f.write_all(&serde_json::to_vec_pretty(&info).unwrap()).map_err(Error::io("write", &tmp))?;
-            f.sync_all().map_err(Error::io("fsync", &tmp))?;
-            fs::rename(&tmp, &file).map_err(Error::io("rename into place", &file))?;
-            fsync_dir(root)?;
+            let bytes = serde_json::to_vec_pretty(&info).expect("repository info serializes");
+            safe_fs::write_durably(root, REPO_FILE, &bytes, FILE_MODE)?;
         }
         let repo = Repo::open(root)?;
         if repo.info.system_identifier != system_identifier {
@@ -134,30 +148,46 @@ impl Repo {
         self.backups_dir().join(id)
     }
 
-    /// Takes the writer lock, or says who holds it.
+    /// Takes the writer lock, or says who holds it. The lock is `flock(2)`,
+    /// which the kernel releases when its holder dies; the holder's pid is
+    /// written into the file and cleared on release, so a pid found there
+    /// when the lock is free was left by a process that died holding it:
+    /// `taken_over` names it.
     pub fn lock(&self) -> Result<RepoLock> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.root.join("lock");
         let mut file = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(Error::io("open lock file", &path))?;
+        let md = file.metadata().map_err(Error::io("stat", &path))?;
+        if !md.is_file() {
+            return Err(Error::Corrupt(format!("lock file \"{}\" is not a regular file", path.display())));
+        }
         // SAFETY: flock on a file descriptor we own.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let holder = {
+            let mut s = String::new();
+            let _ = (&file).take(256).read_to_string(&mut s);
+            s.trim().to_string()
+        };
         if rc != 0 {
-            let holder = fs::read_to_string(&path).unwrap_or_default();
-            let holder = holder.trim();
             return Err(Error::Conflict(format!(
                 "repository \"{}\" is locked by another blockstream process{}",
                 self.root.display(),
                 if holder.is_empty() { String::new() } else { format!(" ({holder})") }
             )));
         }
+        let taken_over = (!holder.is_empty()).then_some(holder);
         file.set_len(0).map_err(Error::io("write", &path))?;
-        let _ = write!(file, "pid {}", std::process::id());
-        Ok(RepoLock { _file: file })
+        let _ = write!(file, "pid {} since {}", std::process::id(), timefmt::iso8601(SystemTime::now()));
+        let _ = file.sync_data();
+        Ok(RepoLock { file, taken_over })
     }
 
     /// Ids of complete backups (those with a manifest), oldest first.
@@ -167,7 +197,10 @@ impl Repo {
         for e in fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
             let e = e.map_err(Error::io("read directory", &dir))?;
             let id = e.file_name().to_string_lossy().into_owned();
-            if is_backup_id(&id) && e.path().join(MANIFEST_FILE).is_file() {
+            // A backup is a real directory (never a symbolic link) holding a regular manifest.
+            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            let has_manifest = fs::symlink_metadata(e.path().join(MANIFEST_FILE)).is_ok_and(|m| m.is_file());
+            if is_backup_id(&id) && real_dir && has_manifest {
                 ids.push(id);
             }
         }
@@ -198,8 +231,14 @@ impl Repo {
         }
     }
 
+    /// Reads and checks the manifest of backup `id`, following no symbolic link.
     pub fn load_manifest(&self, id: &str) -> Result<Manifest> {
-        let m = Manifest::load(&self.backup_dir(id))?;
+        if !is_backup_id(id) {
+            return Err(Error::Usage(format!("\"{id}\" is not a backup id (like 20261127T031500F)")));
+        }
+        let rel = format!("backups/{id}/{MANIFEST_FILE}");
+        let bytes = safe_fs::read_beneath(&self.root, &rel, limits::MANIFEST_BYTES)?;
+        let m = Manifest::from_bytes(&bytes, &self.root.join(&rel))?;
         if m.backup_id != id {
             return Err(Error::Corrupt(format!(
                 "manifest in \"{}\" describes backup {}, not {id}",
@@ -210,19 +249,41 @@ impl Repo {
         Ok(m)
     }
 
-    /// Removes backup directories that never got a manifest. Needs the lock.
-    pub fn remove_incomplete(&self, _lock: &RepoLock) -> Result<Vec<String>> {
+    /// Removes backup directories that never got a manifest: those named
+    /// like a backup id that hold nothing but what a backup writes. Anything
+    /// else under `backups/` is left alone and named in the second list.
+    /// Needs the lock.
+    pub fn remove_incomplete(&self, _lock: &RepoLock) -> Result<(Vec<String>, Vec<String>)> {
         let dir = self.backups_dir();
-        let mut removed = Vec::new();
+        let (mut removed, mut foreign) = (Vec::new(), Vec::new());
         for e in fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
             let e = e.map_err(Error::io("read directory", &dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
             let p = e.path();
-            if p.is_dir() && !p.join(MANIFEST_FILE).is_file() {
+            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if real_dir && is_backup_id(&name) && fs::symlink_metadata(p.join(MANIFEST_FILE)).is_ok() {
+                continue;
+            }
+            if real_dir && is_backup_id(&name) && holds_only_backup_files(&p) {
                 fs::remove_dir_all(&p).map_err(Error::io("remove incomplete backup", &p))?;
-                removed.push(e.file_name().to_string_lossy().into_owned());
+                removed.push(name);
+            } else {
+                foreign.push(name);
             }
         }
-        Ok(removed)
+        if !removed.is_empty() {
+            safe_fs::fsync_dir(&dir)?;
+        }
+        Ok((removed, foreign))
+    }
+
+    /// Removes one backup directory that never got a manifest (a backup that
+    /// failed just now). Needs the lock.
+    pub fn remove_failed(&self, id: &str, _lock: &RepoLock) {
+        let p = self.backup_dir(id);
+        if is_backup_id(id) && !p.join(MANIFEST_FILE).exists() && holds_only_backup_files(&p) {
+            let _ = fs::remove_dir_all(&p);
+        }
     }
 
     /// A fresh id later than every backup in the repository: the current
@@ -241,6 +302,24 @@ impl Repo {
             t += 1;
         }
     }
+}
+
+/// Whether a directory holds only regular files a backup writes (streams,
+/// its label files, a manifest being written), nothing else.
+fn holds_only_backup_files(dir: &Path) -> bool {
+    let Ok(rd) = fs::read_dir(dir) else { return false };
+    rd.flatten().all(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = crate::stream::is_stream_file_name(&name)
+            || matches!(name.as_str(), "backup_label" | "tablespace_map" | "manifest.json.tmp");
+        ours && e.file_type().is_ok_and(|t| t.is_file())
+    })
+}
+
+/// Creates the directory of a new backup (mode 0750).
+pub fn create_backup_dir(path: &Path) -> Result<()> {
+    fs::create_dir(path).map_err(Error::io("create backup directory", path))?;
+    safe_fs::create_dir(path, DIR_MODE)
 }
 
 /// `20261127T031500F`
@@ -269,9 +348,27 @@ mod tests {
         let id = repo.new_backup_id(BackupType::Full, &lock).unwrap();
         assert!(is_backup_id(&id), "{id}");
         fs::create_dir_all(repo.backup_dir(&id)).unwrap();
+        fs::write(repo.backup_dir(&id).join("stream-00.bsz"), b"x").unwrap();
         assert!(repo.backup_ids().unwrap().is_empty(), "no manifest, no backup");
-        assert_eq!(repo.remove_incomplete(&lock).unwrap(), vec![id]);
+        // Not ours: an operator's directory, a backup-named directory with other files, a symbolic link.
+        fs::create_dir_all(repo.backups_dir().join("lost+found")).unwrap();
+        fs::create_dir_all(repo.backup_dir("20200101T000000F")).unwrap();
+        fs::write(repo.backup_dir("20200101T000000F").join("notes.txt"), b"keep me").unwrap();
+        std::os::unix::fs::symlink("/etc", repo.backup_dir("20200101T000001F")).unwrap();
+        let (removed, mut foreign) = repo.remove_incomplete(&lock).unwrap();
+        foreign.sort();
+        assert_eq!(removed, vec![id]);
+        assert_eq!(foreign, vec!["20200101T000000F", "20200101T000001F", "lost+found"]);
+        assert!(repo.backup_dir("20200101T000000F").join("notes.txt").exists());
         drop(lock);
+        // A clean release leaves no holder behind; a holder left in the file is a dead process's.
+        assert!(repo.lock().unwrap().taken_over.is_none());
+        fs::write(root.join("lock"), b"pid 999999 since 2026-01-01T00:00:00Z").unwrap();
+        assert_eq!(repo.lock().unwrap().taken_over.as_deref(), Some("pid 999999 since 2026-01-01T00:00:00Z"));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(&root).unwrap().mode() & 0o777, 0o750);
+        assert_eq!(fs::metadata(root.join(REPO_FILE)).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(fs::metadata(root.join("lock")).unwrap().mode() & 0o777, 0o640);
         let err = Repo::open_or_create(&root, 43, 150018).err().unwrap().to_string();
         assert!(err.contains("system identifier 42, not to this one (43)"), "{err}");
         let err = repo.resolve("latest").unwrap_err().to_string();

@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::hash::{sha256, to_hex, HashingWriter};
-use crate::manifest::ChunkMeta;
+use crate::manifest::{limits, ChunkMeta};
+use crate::safe_fs;
 
 pub const STREAM_MAGIC: &[u8; 8] = b"BLKSTRM\0";
 pub const STREAM_VERSION: u32 = 1;
@@ -39,6 +40,13 @@ const RECORD_HEADER_LEN: usize = 16;
 
 pub fn stream_file_name(index: usize) -> String {
     format!("stream-{index:02}.bsz")
+}
+
+/// `stream-NN.bsz` (two or more digits).
+pub fn is_stream_file_name(name: &str) -> bool {
+    name.strip_prefix("stream-")
+        .and_then(|r| r.strip_suffix(".bsz"))
+        .is_some_and(|n| n.len() >= 2 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn header(index: u32, backup_id: &str) -> [u8; HEADER_LEN as usize] {
@@ -73,14 +81,17 @@ impl ChunkBuilder {
         self.buf.len()
     }
 
-    /// Appends the bytes that belong at `offset` of file `file`.
-    pub fn push(&mut self, file: u32, offset: u64, data: &[u8]) {
+    /// Appends the bytes that belong at `offset` of file `file`; returns
+    /// the copy as it will be stored.
+    pub fn push(&mut self, file: u32, offset: u64, data: &[u8]) -> &[u8] {
         let len = u32::try_from(data.len()).expect("a record is at most one piece, far below 4 GiB");
         self.buf.extend_from_slice(&file.to_le_bytes());
         self.buf.extend_from_slice(&len.to_le_bytes());
         self.buf.extend_from_slice(&offset.to_le_bytes());
+        let at = self.buf.len();
         self.buf.extend_from_slice(data);
         self.records += 1;
+        &self.buf[at..]
     }
 
     /// The finished chunk; call [`ChunkBuilder::reset`] before reuse.
@@ -142,6 +153,8 @@ pub fn parse_chunk<'a>(raw: &'a [u8], what: &dyn fmt::Display) -> Result<Vec<Rec
 /// Appends stored chunks to a new stream file, hashing each on its way to disk.
 pub struct StreamWriter {
     pub index: u16,
+    /// The failpoint hit after each chunk (see [`crate::failpoint`]).
+    pub failpoint: &'static str,
     path: PathBuf,
     out: HashingWriter<File>,
     offset: u64,
@@ -151,10 +164,16 @@ pub struct StreamWriter {
 impl StreamWriter {
     pub fn create(dir: &Path, index: u16, backup_id: &str) -> Result<Self> {
         let path = dir.join(stream_file_name(index as usize));
-        let mut file =
-            File::options().write(true).create_new(true).open(&path).map_err(Error::io("create stream file", &path))?;
+        let mut file = safe_fs::create_new(&path, safe_fs::FILE_MODE)?;
         file.write_all(&header(index.into(), backup_id)).map_err(Error::io("write", &path))?;
-        Ok(StreamWriter { index, path, out: HashingWriter::new(file), offset: HEADER_LEN, chunks: Vec::new() })
+        Ok(StreamWriter {
+            index,
+            failpoint: "copy-chunk",
+            path,
+            out: HashingWriter::new(file),
+            offset: HEADER_LEN,
+            chunks: Vec::new(),
+        })
     }
 
     /// Index the next appended chunk will get.
@@ -166,6 +185,7 @@ impl StreamWriter {
     pub fn append(&mut self, stored: &[u8], raw_len: usize) -> Result<u32> {
         self.out.write_all(stored).map_err(Error::io("write", &self.path))?;
         let (digest, n) = self.out.take_digest();
+        crate::failpoint::hit(self.failpoint);
         self.chunks.push(ChunkMeta { offset: self.offset, stored: n, raw: raw_len as u64, sha256: to_hex(&digest) });
         self.offset += n;
         Ok(self.chunks.len() as u32 - 1)
@@ -185,14 +205,20 @@ impl StreamWriter {
 }
 
 /// Reads chunks of one stream file, checking each against its digest.
+/// Shared by reading threads (reads are positional).
 pub struct StreamReader {
     path: PathBuf,
     file: File,
+    len: u64,
 }
 
 impl StreamReader {
-    pub fn open(path: &Path, index: u16, backup_id: &str) -> Result<Self> {
-        let file = File::open(path).map_err(Error::io("open stream file", path))?;
+    /// Opens `root/rel` (a regular file, reached without following a symbolic
+    /// link) and checks its header names stream `index` of `backup_id`.
+    pub fn open(root: &Path, rel: &str, index: u16, backup_id: &str) -> Result<Self> {
+        let path = root.join(rel);
+        let file = safe_fs::open_beneath(root, rel)?;
+        let len = file.metadata().map_err(Error::io("stat", &path))?.len();
         let mut h = [0u8; HEADER_LEN as usize];
         file.read_exact_at(&mut h, 0)
             .map_err(|e| Error::Corrupt(format!("stream file \"{}\" has no complete header: {e}", path.display())))?;
@@ -220,7 +246,7 @@ impl StreamReader {
                 String::from_utf8_lossy(&h[16..]).trim_end_matches('\0')
             )));
         }
-        Ok(StreamReader { path: path.to_path_buf(), file })
+        Ok(StreamReader { path, file, len })
     }
 
     pub fn path(&self) -> &Path {
@@ -228,8 +254,19 @@ impl StreamReader {
     }
 
     /// Reads the stored bytes of a chunk into `buf` and checks their SHA-256.
-    /// `what` names the chunk in errors.
+    /// The chunk must lie inside the file and within the format's limits
+    /// before anything is allocated for it. `what` names the chunk in errors.
     pub fn read_chunk(&self, meta: &ChunkMeta, buf: &mut Vec<u8>, what: &dyn fmt::Display) -> Result<()> {
+        let end = meta.offset.checked_add(meta.stored);
+        if meta.stored > limits::stored_bound(limits::CHUNK_RAW) || end.is_none_or(|e| e > self.len) {
+            return Err(Error::Corrupt(format!(
+                "{what} is missing: {} bytes at offset {} lie past the end of \"{}\" ({} bytes)",
+                meta.stored,
+                meta.offset,
+                self.path.display(),
+                self.len
+            )));
+        }
         buf.clear();
         buf.resize(meta.stored as usize, 0);
         self.file.read_exact_at(buf, meta.offset).map_err(|e| {
@@ -292,11 +329,14 @@ mod tests {
         let (name, bytes, chunks) = w.finish().unwrap();
         assert_eq!((name.as_str(), bytes), ("stream-01.bsz", HEADER_LEN + 11));
         let path = dir.join(&name);
-        let r = StreamReader::open(&path, 1, "20261127T031500F").unwrap();
+        let r = StreamReader::open(&dir, &name, 1, "20261127T031500F").unwrap();
         let mut buf = Vec::new();
         r.read_chunk(&chunks[1], &mut buf, &"chunk 1").unwrap();
         assert_eq!(buf, b"second");
-        assert!(StreamReader::open(&path, 2, "20261127T031500F").is_err());
+        assert!(StreamReader::open(&dir, &name, 2, "20261127T031500F").is_err());
+        let past = ChunkMeta { offset: bytes - 2, stored: 5, ..chunks[1].clone() };
+        let err = r.read_chunk(&past, &mut buf, &"chunk 9").unwrap_err().to_string();
+        assert!(err.contains("chunk 9 is missing") && err.contains("past the end"), "{err}");
         let f = File::options().write(true).open(&path).unwrap();
         f.write_all_at(b"S", chunks[1].offset).unwrap();
         let err = r.read_chunk(&chunks[1], &mut buf, &"chunk 1").unwrap_err().to_string();

@@ -7,9 +7,7 @@
 //! verify does nothing) and returns the digest of every piece it saw, which
 //! [`check_file_digests`] compares with the manifest.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::bounded;
@@ -19,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::hash::{file_digest, sha256, to_hex, Digest};
 use crate::manifest::{FileEntry, Manifest};
 use crate::progress::Progress;
+use crate::repo::Repo;
 use crate::stream::{parse_chunk, Record, StreamReader};
 
 /// Names a chunk in messages: `chunk 3 of stream-01.bsz in backup 20261127T031500F`.
@@ -52,9 +51,22 @@ fn annotate(e: Error, m: &Manifest, stream: u16, chunk: u32) -> Error {
     }
 }
 
-/// Runs `work` on every chunk of the backup on `jobs` threads; stops at the first error.
+/// Opens every stream file of backup `m` (without following a symbolic
+/// link; each header checked), in stream order.
+pub fn open_streams(repo: &Repo, m: &Manifest) -> Result<Vec<StreamReader>> {
+    m.streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            StreamReader::open(repo.root(), &format!("backups/{}/{}", m.backup_id, s.name), i as u16, &m.backup_id)
+        })
+        .collect()
+}
+
+/// Runs `work` on every chunk of the backup on `jobs` threads; stops at the
+/// first error or when cancelled.
 fn for_each_chunk<T: Send + Default>(
-    dir: &Path,
+    streams: &[StreamReader],
     m: &Manifest,
     jobs: usize,
     progress: &Progress,
@@ -78,16 +90,16 @@ fn for_each_chunk<T: Send + Default>(
                 let rx = rx.clone();
                 let (failed, work) = (&failed, &work);
                 s.spawn(move || -> Result<T> {
-                    let mut readers: HashMap<u16, StreamReader> = HashMap::new();
                     let mut acc = T::default();
                     for (stream, chunk) in rx {
                         progress.check_cancel()?;
-                        let reader = match readers.entry(stream) {
-                            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(v) => {
-                                let path = dir.join(&m.streams[stream as usize].name);
-                                v.insert(StreamReader::open(&path, stream, &m.backup_id)?)
-                            }
+                        let Some(reader) = streams.get(stream as usize) else {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(Error::Corrupt(format!(
+                                "backup {} names stream {stream}, but has {} streams",
+                                m.backup_id,
+                                streams.len()
+                            )));
                         };
                         if let Err(e) = work(reader, stream, chunk, &mut acc) {
                             failed.store(true, Ordering::Relaxed);
@@ -100,7 +112,7 @@ fn for_each_chunk<T: Send + Default>(
             .collect();
         drop(rx);
         for item in items {
-            if failed.load(Ordering::Relaxed) || tx.send(item).is_err() {
+            if failed.load(Ordering::Relaxed) || progress.check_cancel().is_err() || tx.send(item).is_err() {
                 break;
             }
         }
@@ -115,6 +127,7 @@ fn for_each_chunk<T: Send + Default>(
                 }
             }
         }
+        progress.check_cancel()?;
         match first_err {
             Some(e) => Err(e),
             None => Ok(out),
@@ -125,7 +138,7 @@ fn for_each_chunk<T: Send + Default>(
 /// Reads every chunk and checks its digest. Returns the stored bytes checked.
 /// Only the chunks in `only`, when given.
 pub fn check_chunks(
-    dir: &Path,
+    streams: &[StreamReader],
     m: &Manifest,
     jobs: usize,
     progress: &Progress,
@@ -137,7 +150,7 @@ pub fn check_chunks(
     };
     progress.start_phase("verify", total);
     let per_thread =
-        for_each_chunk(dir, m, jobs, progress, only, |reader, stream, chunk, bytes: &mut (u64, Vec<u8>)| {
+        for_each_chunk(streams, m, jobs, progress, only, |reader, stream, chunk, bytes: &mut (u64, Vec<u8>)| {
             let meta = &m.streams[stream as usize].chunks[chunk as usize];
             let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
             reader.read_chunk(meta, &mut bytes.1, &name)?;
@@ -168,7 +181,7 @@ impl<'m> PieceIndex<'m> {
         let layouts = m
             .files
             .iter()
-            .map(|f| f.incremental.as_ref().map(|_| f.pieces(m.piece_size, m.block_size as u64)))
+            .map(|f| (f.incremental.is_some() && !f.vanished).then(|| f.pieces(m.piece_size, m.block_size as u64)))
             .collect();
         PieceIndex { m, layouts }
     }
@@ -185,6 +198,11 @@ impl<'m> PieceIndex<'m> {
         })?;
         let len = rec.data.len() as u64;
         let piece = match &self.layouts[rec.file as usize] {
+            // A file that vanished during the copy may hold some of its
+            // pieces; they are never restored, only kept inside the file.
+            None if file.vanished => (len <= m.piece_size
+                && rec.offset.checked_add(len).is_some_and(|e| e <= file.size))
+            .then_some((rec.offset / m.piece_size) as u32),
             None => (rec.offset < file.size
                 && rec.offset.is_multiple_of(m.piece_size)
                 && len == m.piece_size.min(file.size - rec.offset))
@@ -205,13 +223,15 @@ struct DecodeState {
     stored: Vec<u8>,
     raw: Vec<u8>,
     digests: Vec<(u32, u32, Digest)>,
+    /// One decompression context per thread, reused for every chunk.
+    decompressor: Option<Decompressor>,
 }
 
 /// Reads, checks, decompresses and parses every chunk (or the chunks in
 /// `only`); calls `visit` for each record of a file that restore creates;
 /// returns every piece digest seen.
 pub fn decode_chunks(
-    dir: &Path,
+    streams: &[StreamReader],
     m: &Manifest,
     jobs: usize,
     progress: &Progress,
@@ -221,22 +241,26 @@ pub fn decode_chunks(
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.raw).sum();
     progress.start_phase("restore", total);
     let index = PieceIndex::new(m);
-    let per_thread = for_each_chunk(dir, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
-        let meta = &m.streams[stream as usize].chunks[chunk as usize];
-        let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
-        reader.read_chunk(meta, &mut st.stored, &name)?;
-        let mut dec = Decompressor::new(m.compression)?;
-        dec.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
-        for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
-            let (file, piece) = index.locate(rec, i, &name)?;
-            st.digests.push((rec.file, piece, sha256(rec.data)));
-            if !file.vanished {
-                visit(&Placed { file, file_index: rec.file, piece, record: rec })?;
+    let per_thread =
+        for_each_chunk(streams, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
+            let meta = &m.streams[stream as usize].chunks[chunk as usize];
+            let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
+            reader.read_chunk(meta, &mut st.stored, &name)?;
+            let dec = match &mut st.decompressor {
+                Some(d) => d,
+                None => st.decompressor.insert(Decompressor::new(m.compression)?),
+            };
+            dec.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
+            for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
+                let (file, piece) = index.locate(rec, i, &name)?;
+                st.digests.push((rec.file, piece, sha256(rec.data)));
+                if !file.vanished {
+                    visit(&Placed { file, file_index: rec.file, piece, record: rec })?;
+                }
             }
-        }
-        progress.add(meta.raw);
-        Ok(())
-    })?;
+            progress.add(meta.raw);
+            Ok(())
+        })?;
     Ok(per_thread.into_iter().flat_map(|s| s.digests).collect())
 }
 
@@ -316,6 +340,7 @@ pub struct BackupCheck {
 
 #[derive(Default)]
 struct VerifyState {
+    decompressor: Option<Decompressor>,
     stored: Vec<u8>,
     raw: Vec<u8>,
     digests: Vec<(u32, u32, Digest)>,
@@ -330,7 +355,7 @@ struct VerifyState {
 /// and the checksum of every stored page PostgreSQL had not touched since
 /// the backup started. Reads every chunk once, on `jobs` threads. Problems
 /// are collected, not stopped at.
-pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: &Progress) -> BackupCheck {
+pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) -> BackupCheck {
     let began = std::time::Instant::now();
     let mut check = BackupCheck {
         backup_id: id.to_string(),
@@ -356,6 +381,9 @@ pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: 
     // Every WAL segment from the start to the stop must be in the backup.
     let seg = m.wal_segment_size;
     for segno in m.start_lsn.segment(seg)..=m.stop_lsn.previous_segment(seg).max(m.start_lsn.segment(seg)) {
+        if progress.check_cancel().is_err() {
+            break;
+        }
         let name = format!("pg_wal/{}", crate::lsn::wal_file_name(m.timeline, segno, seg));
         if !m.files.iter().any(|f| f.path == name && !f.vanished) {
             check.problems.push(problem(
@@ -365,7 +393,14 @@ pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: 
         }
     }
 
-    let dir = repo.backup_dir(id);
+    let streams = match open_streams(repo, &m) {
+        Ok(s) => s,
+        Err(e) => {
+            check.problems.push(problem("chunks", e.to_string()));
+            check.secs = began.elapsed().as_secs_f64();
+            return check;
+        }
+    };
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.stored).sum();
     progress.start_phase("verify", total);
     let index = PieceIndex::new(&m);
@@ -374,14 +409,18 @@ pub fn verify_backup(repo: &crate::repo::Repo, id: &str, jobs: usize, progress: 
         .iter()
         .map(|f| if m.data_checksums { crate::checksum::segment_of_checksummed_file(&f.path) } else { None })
         .collect();
-    let outcome = for_each_chunk(&dir, &m, jobs, progress, None, |reader, stream, chunk, st: &mut VerifyState| {
+    let outcome = for_each_chunk(&streams, &m, jobs, progress, None, |reader, stream, chunk, st: &mut VerifyState| {
         let meta = &m.streams[stream as usize].chunks[chunk as usize];
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
         progress.add(meta.stored);
         let mut decode = || -> Result<()> {
             reader.read_chunk(meta, &mut st.stored, &name)?;
             st.bytes += meta.stored;
-            Decompressor::new(m.compression)?.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
+            let dec = match &mut st.decompressor {
+                Some(d) => d,
+                None => st.decompressor.insert(Decompressor::new(m.compression)?),
+            };
+            dec.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;
                 st.digests.push((rec.file, piece, sha256(rec.data)));

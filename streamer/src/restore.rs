@@ -1,14 +1,27 @@
 //! Restore: a backup from the repository into a new data directory, in parallel.
 //!
-//! Nothing is written until every chunk of the backup has been read and
-//! matched against its SHA-256. Then directories, tablespace links and files
-//! (sized with fallocate, so a full disk is an error and never a SIGBUS on a
-//! mapped page) are created, and N threads decode chunks and write each
-//! record through a memory map of its target file. Each record is one piece
-//! of one file, so threads never write the same bytes. Finally every file's
-//! digest is compared with the manifest, `backup_label`, `tablespace_map` and
-//! `recovery.signal` are written with what recovery needs to find WAL, and
-//! the file systems are synced.
+//! Order, so that a failed or killed restore loses nothing and leaves nothing
+//! that looks startable:
+//!
+//! 1. Everything is checked before a byte is removed or written: the chain of
+//!    manifests, the tablespace mapping, the target (empty, or `--force` and
+//!    no server using it), every tablespace location (absent or empty, as
+//!    pg_basebackup requires; a non-empty one only when named by
+//!    `--tablespace-map` with `--force`, and never while a server uses it),
+//!    and every stored chunk against its SHA-256.
+//! 2. Run as root, the process switches to the target's owner (see
+//!    [`crate::privs`]); repository files are opened before that.
+//! 3. What `--force` replaces is emptied; directories, tablespace links and
+//!    files (sized with fallocate, so a full disk is an error and never a
+//!    SIGBUS on a mapped page) are created, and N threads decode chunks and
+//!    write each record through a memory map of its target file. Each record
+//!    is one piece of one file, so threads never write the same bytes. Every
+//!    file's digest is compared with the manifest.
+//! 4. `backup_label`, `tablespace_map`, `recovery.signal` and the recovery
+//!    settings are written, then `global/pg_control`, last of all: a data
+//!    directory without it cannot start, so one left by a killed or failed
+//!    restore never runs crash recovery from a half-restored copy. A rerun
+//!    with `--force` completes it. Then the file systems are synced.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +29,7 @@ use std::io::Write;
 use std::os::unix::fs::{symlink, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use memmap2::MmapOptions;
@@ -23,11 +37,18 @@ use memmap2::MmapOptions;
 use crate::chain::{load_chain, resolve, Take};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::manifest::{check_relative_path, FileEntry, Manifest};
+use crate::manifest::{check_absolute_path, check_relative_path, FileEntry, Manifest};
+use crate::privs::{self, Postmaster, User};
 use crate::progress::Progress;
 use crate::repo::Repo;
+use crate::safe_fs;
 use crate::timefmt;
-use crate::verify::{check_chunks, check_file_digests, decode_chunks};
+use crate::verify::{check_chunks, check_file_digests, decode_chunks, open_streams};
+
+/// The control file: restored last.
+pub const CONTROL_FILE: &str = "global/pg_control";
+/// PostgreSQL's control file is 8 kB; anything much larger is not one.
+const CONTROL_FILE_MAX: u64 = 64 << 10;
 
 /// Where recovery stops.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -54,6 +75,9 @@ pub struct RestoreOptions {
     pub recovery_target: RecoveryTarget,
     /// Written as `restore_command`; `None` leaves recovery to pg_wal alone.
     pub restore_command: Option<String>,
+    /// Run as root: the user to write as (default: the owner of an existing
+    /// target, else the backup's data-directory owner).
+    pub owner: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -62,6 +86,8 @@ pub struct RestoreReport {
     /// The backups read, full backup first.
     pub chain: Vec<String>,
     pub target: String,
+    /// The user the files were written as, when run as root.
+    pub owner: Option<String>,
     pub files: u64,
     pub bytes_restored: u64,
     pub bytes_stored: u64,
@@ -78,6 +104,15 @@ pub struct RestoreReport {
     pub jobs: u32,
 }
 
+/// What the target directory holds before the restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirState {
+    Absent,
+    Empty,
+    /// Not empty, and `--force` says to replace its contents.
+    Replace,
+}
+
 pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> {
     let began = Instant::now();
     if opts.jobs == 0 {
@@ -88,8 +123,18 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
     let chain = load_chain(&repo, &id)?;
     let m = chain.last().expect("a chain holds at least its target");
     let locations = map_tablespaces(m, &opts.tablespace_map)?;
+    let control = m.files.iter().find(|f| f.path == CONTROL_FILE && !f.vanished).ok_or_else(|| {
+        Error::Corrupt(format!("backup {id} holds no {CONTROL_FILE}: it is not a backup of a data directory"))
+    })?;
+    if control.size > CONTROL_FILE_MAX || control.incremental.is_some() {
+        return Err(Error::Corrupt(format!(
+            "backup {id} holds a {CONTROL_FILE} of {} bytes{}: not a control file",
+            control.size,
+            if control.incremental.is_some() { ", stored incrementally" } else { "" }
+        )));
+    }
     let plan = resolve(&chain);
-    // Per backup of the chain: the chunks holding the files it contributes.
+    // The chunks of each backup that hold blocks the restore takes from it.
     let needed: Vec<Vec<(u16, u32)>> = chain
         .iter()
         .zip(&plan)
@@ -100,48 +145,107 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         })
         .collect();
 
-    prepare_dir(&opts.target, opts.force, "target directory")?;
-    for (_, loc) in &locations {
-        prepare_dir(Path::new(loc), opts.force, "tablespace directory")?;
+    // 1. The target and the tablespace locations, before anything is read.
+    let postmasters = privs::running_postmasters();
+    let target_state = check_dir(&opts.target, opts.force, "target directory", &postmasters)?;
+    let mut replace = Vec::new();
+    for (oid, loc) in &locations {
+        let named = opts.tablespace_map.iter().any(|(_, new)| new.trim_end_matches('/') == loc);
+        let what = format!("tablespace {oid} location");
+        match check_dir(Path::new(loc), opts.force && named, &what, &postmasters) {
+            Ok(DirState::Replace) => replace.push(PathBuf::from(loc)),
+            Ok(_) => {}
+            Err(Error::Conflict(msg)) if !named && msg.contains("is not empty") => {
+                return Err(Error::Conflict(format!(
+                    "{what} \"{loc}\" is not empty: a tablespace is restored only into an absent or empty directory; map it elsewhere with --tablespace-map OLD=NEW, or name it with --tablespace-map {loc}={loc} and --force to replace its contents"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
     }
+    let owner = if privs::is_root() {
+        Some(resolve_owner(&opts.target, opts.owner.as_deref(), m)?)
+    } else {
+        if let Some(o) = &opts.owner {
+            let u = privs::user_by_name(o)?;
+            // SAFETY: geteuid has no preconditions.
+            if u.uid != unsafe { libc::geteuid() } {
+                return Err(Error::Usage(format!("--owner {o}: only root can restore as another user")));
+            }
+        }
+        None
+    };
 
-    // 1. Every chunk that will be used, checked before a single byte is written.
+    // 2. Every chunk that will be used, checked before a single byte is written.
     let t = Instant::now();
+    let streams = chain
+        .iter()
+        .zip(&needed)
+        .map(|(b, chunks)| if chunks.is_empty() { Ok(Vec::new()) } else { open_streams(&repo, b) })
+        .collect::<Result<Vec<_>>>()?;
     let mut bytes_stored = 0;
-    for (b, chunks) in chain.iter().zip(&needed) {
-        bytes_stored += check_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks))?;
+    for ((b, chunks), readers) in chain.iter().zip(&needed).zip(&streams) {
+        bytes_stored += check_chunks(readers, b, opts.jobs, progress, Some(chunks))?;
     }
     let verify_secs = t.elapsed().as_secs_f64();
 
-    // 2. Layout, then data: each backup of the chain writes the blocks it holds newest.
+    // 3. As the owner: replace, lay out, write.
+    if let Some(u) = &owner {
+        prepare_target_as_root(&opts.target, target_state, u)?;
+        privs::become_user(u)?;
+    }
+    match target_state {
+        DirState::Absent => safe_fs::create_dir(&opts.target, 0o700)?,
+        DirState::Empty => {}
+        DirState::Replace => empty_dir(&opts.target)?,
+    }
+    for dir in &replace {
+        empty_dir(dir)?;
+    }
     let t = Instant::now();
-    let as_root = unsafe { libc::geteuid() } == 0;
-    create_layout(&opts.target, m, &locations, as_root, opts.jobs)?;
+    create_layout(&opts.target, m, &locations, opts.jobs)?;
     let layout_secs = t.elapsed().as_secs_f64();
     let target = opts.target.as_path();
-    for ((b, take), chunks) in chain.iter().zip(&plan).zip(&needed) {
+    let control_bytes = Mutex::new(vec![0u8; control.size as usize]);
+    for (((b, take), chunks), readers) in chain.iter().zip(&plan).zip(&needed).zip(&streams) {
         if chunks.is_empty() {
             continue;
         }
         let bs = b.block_size as u64;
-        let digests =
-            decode_chunks(&repo.backup_dir(&b.backup_id), b, opts.jobs, progress, Some(chunks), |p| {
-                match take.get(&p.file_index) {
-                    None => Ok(()),
-                    Some(t) => write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs),
+        let digests = decode_chunks(readers, b, opts.jobs, progress, Some(chunks), |p| {
+            let Some(t) = take.get(&p.file_index) else { return Ok(()) };
+            if p.file.path == CONTROL_FILE {
+                // Held back: written last.
+                let mut buf = control_bytes.lock().expect("no thread panics holding it");
+                let end = p.record.offset as usize + p.record.data.len();
+                if end > buf.len() {
+                    return Err(Error::Corrupt(format!(
+                        "backup {} stores bytes of {CONTROL_FILE} past its size",
+                        b.backup_id
+                    )));
                 }
-            })?;
+                buf[p.record.offset as usize..end].copy_from_slice(p.record.data);
+                return Ok(());
+            }
+            write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs)?;
+            crate::failpoint::hit("restore-record");
+            Ok(())
+        })?;
         check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)))?;
     }
     let write_secs = t.elapsed().as_secs_f64() - layout_secs;
 
-    // 3. What recovery needs.
-    write_recovery_files(&opts.target, m, &locations, opts, as_root)?;
+    // 4. What recovery needs, then pg_control, then the disk.
+    write_recovery_files(&opts.target, &locations, m, opts)?;
+    crate::failpoint::hit("restore-written");
     let t = Instant::now();
     sync_filesystem(&opts.target)?;
     for (_, loc) in &locations {
         sync_filesystem(Path::new(loc))?;
     }
+    let control_mode = (control.mode & 0o640) | 0o600;
+    let global = opts.target.join("global");
+    safe_fs::write_durably(&global, "pg_control", &control_bytes.into_inner().expect("not poisoned"), control_mode)?;
     let sync_secs = t.elapsed().as_secs_f64();
     let bytes_restored: u64 = m.files.iter().filter(|f| !f.vanished).map(|f| f.size).sum();
     let duration = began.elapsed().as_secs_f64();
@@ -149,6 +253,7 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         backup_id: id,
         chain: chain.iter().map(|b| b.backup_id.clone()).collect(),
         target: opts.target.display().to_string(),
+        owner: owner.map(|u| u.name),
         files: m.files.iter().filter(|f| !f.vanished).count() as u64,
         bytes_restored,
         bytes_stored,
@@ -166,16 +271,16 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
 /// digest: how `archive-get` serves WAL segments kept in backups.
 pub fn extract_file(repo: &Repo, id: &str, path: &str, dest: &Path) -> Result<()> {
     let m = repo.load_manifest(id)?;
-    let dir = repo.backup_dir(id);
     let index = m
         .files
         .iter()
         .position(|f| f.path == path && !f.vanished)
         .ok_or_else(|| Error::Usage(format!("backup {id} holds no file \"{path}\"")))? as u32;
+    let streams = open_streams(repo, &m)?;
     let out = File::create(dest).map_err(Error::io("create", dest))?;
     out.set_len(m.files[index as usize].size).map_err(Error::io("size", dest))?;
     let chunks = m.files[index as usize].chunks.clone();
-    let digests = decode_chunks(&dir, &m, 1, &Progress::default(), Some(&chunks), |p| {
+    let digests = decode_chunks(&streams, &m, 1, &Progress::default(), Some(&chunks), |p| {
         if p.file_index == index {
             use std::os::unix::fs::FileExt;
             out.write_all_at(p.record.data, p.record.offset).map_err(Error::io("write", dest))?;
@@ -189,9 +294,10 @@ pub fn extract_file(repo: &Repo, id: &str, path: &str, dest: &Path) -> Result<()
 /// The location every tablespace of the backup restores to.
 fn map_tablespaces(m: &Manifest, map: &[(String, String)]) -> Result<Vec<(u32, String)>> {
     for (old, new) in map {
-        if !new.starts_with('/') {
+        let new_clean = new.trim_end_matches('/');
+        if let Err(why) = check_absolute_path(new_clean) {
             return Err(Error::Usage(format!(
-                "tablespace mapping \"{old}={new}\": new location must be an absolute path"
+                "tablespace mapping \"{old}={new}\": the new location is refused: {why}"
             )));
         }
         let hit = m.tablespaces.iter().any(|t| t.location == *old || t.oid.to_string() == *old);
@@ -217,19 +323,29 @@ fn map_tablespaces(m: &Manifest, map: &[(String, String)]) -> Result<Vec<(u32, S
         .collect())
 }
 
-/// Creates `dir` or checks it is empty; with `force`, empties it unless a server runs there.
-fn prepare_dir(dir: &Path, force: bool, what: &str) -> Result<()> {
-    let mut entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return fs::create_dir_all(dir).map_err(Error::io("create", dir));
+/// What `dir` holds, and whether the restore may use it: absent, empty, or
+/// (with `replace`) non-empty to be emptied; never a directory a running
+/// server uses, nor one holding a `postmaster.pid`. Removes nothing.
+fn check_dir(dir: &Path, replace: bool, what: &str, postmasters: &[Postmaster]) -> Result<DirState> {
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DirState::Absent),
+        Err(e) => return Err(Error::Io { op: "stat", path: dir.to_path_buf(), source: e }),
+        Ok(md) if !md.is_dir() => {
+            return Err(Error::Conflict(format!("{what} \"{}\" exists and is not a directory", dir.display())));
         }
-        Err(e) => return Err(Error::Io { op: "read directory", path: dir.to_path_buf(), source: e }),
-    };
-    if entries.next().is_none() {
-        return Ok(());
+        Ok(_) => {}
     }
-    if !force {
+    if let Some(who) = privs::postmaster_using(dir, postmasters) {
+        return Err(Error::Conflict(format!(
+            "{what} \"{}\" is in use: {who}; stop that server before restoring over it",
+            dir.display()
+        )));
+    }
+    let mut entries = fs::read_dir(dir).map_err(Error::io("read directory", dir))?;
+    if entries.next().is_none() {
+        return Ok(DirState::Empty);
+    }
+    if !replace {
         return Err(Error::Conflict(format!(
             "{what} \"{}\" is not empty: restore into an empty directory, or use --force to replace its contents",
             dir.display()
@@ -241,6 +357,50 @@ fn prepare_dir(dir: &Path, force: bool, what: &str) -> Result<()> {
             dir.display()
         )));
     }
+    Ok(DirState::Replace)
+}
+
+/// The user a restore run as root writes as.
+fn resolve_owner(target: &Path, flag: Option<&str>, m: &Manifest) -> Result<User> {
+    let user = match (flag, privs::owner_of(target)) {
+        (Some(name), _) => privs::user_by_name(name)?,
+        (None, Some(0)) => {
+            return Err(Error::Usage(format!(
+                "target directory \"{}\" is owned by root, and restore never writes as root: give the user that will run the server with --owner, or chown the directory",
+                target.display()
+            )))
+        }
+        (None, Some(uid)) => privs::user_by_uid(uid)?,
+        (None, None) => privs::user_by_uid(m.data_directory.uid).map_err(|_| {
+            Error::Usage(format!(
+                "the data directory of backup {} belonged to user id {}, which has no local user here: give the user that will run the server with --owner",
+                m.backup_id, m.data_directory.uid
+            ))
+        })?,
+    };
+    if user.uid == 0 {
+        return Err(Error::Usage(
+            "restore never writes as root: give the user that will run the server with --owner".into(),
+        ));
+    }
+    Ok(user)
+}
+
+/// Run as root, before switching to `owner`: the target directory the
+/// command line named (never a path from a manifest) is created if absent,
+/// and given to the owner.
+fn prepare_target_as_root(target: &Path, state: DirState, owner: &User) -> Result<()> {
+    if state == DirState::Absent {
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
+        }
+        safe_fs::create_dir(target, 0o700)?;
+    }
+    std::os::unix::fs::lchown(target, Some(owner.uid), Some(owner.gid)).map_err(Error::io("change owner of", target))
+}
+
+/// Removes everything inside `dir` (never following a symbolic link).
+fn empty_dir(dir: &Path) -> Result<()> {
     for e in fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
         let p = e.map_err(Error::io("read directory", dir))?.path();
         let md = fs::symlink_metadata(&p).map_err(Error::io("stat", &p))?;
@@ -253,18 +413,23 @@ fn prepare_dir(dir: &Path, force: bool, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn set_owner(path: &Path, mode: u32, uid: u32, gid: u32, as_root: bool) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(Error::io("set mode of", path))?;
-    if as_root {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(Error::io("change owner of", path))?;
-    }
-    Ok(())
+/// Directory modes PostgreSQL accepts: owner rwx, group at most r-x.
+fn dir_mode(m: u32) -> u32 {
+    (m & 0o750) | 0o700
 }
 
-fn create_layout(target: &Path, m: &Manifest, locations: &[(u32, String)], as_root: bool, jobs: usize) -> Result<()> {
-    let dd = m.data_directory;
-    set_owner(target, dd.mode, dd.uid, dd.gid, as_root)?;
+/// File modes PostgreSQL accepts: owner rw, group at most r.
+fn file_mode(m: u32) -> u32 {
+    (m & 0o640) | 0o600
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(Error::io("set mode of", path))
+}
+
+fn create_layout(target: &Path, m: &Manifest, locations: &[(u32, String)], jobs: usize) -> Result<()> {
+    set_mode(target, dir_mode(m.data_directory.mode))?;
     let mut dirs: Vec<_> = m.directories.iter().collect();
     dirs.sort_by(|a, b| a.path.cmp(&b.path));
     let in_tablespace = |p: &str| {
@@ -273,46 +438,46 @@ fn create_layout(target: &Path, m: &Manifest, locations: &[(u32, String)], as_ro
     for d in dirs.iter().filter(|d| !in_tablespace(&d.path)) {
         let p = target.join(&d.path);
         fs::create_dir_all(&p).map_err(Error::io("create directory", &p))?;
-        set_owner(&p, d.mode, d.uid, d.gid, as_root)?;
+        set_mode(&p, dir_mode(d.mode))?;
     }
     for t in &m.tablespaces {
         let loc = &locations.iter().find(|(o, _)| *o == t.oid).expect("every tablespace is mapped").1;
         let loc = Path::new(loc);
         fs::create_dir_all(loc).map_err(Error::io("create tablespace directory", loc))?;
-        set_owner(loc, t.mode, t.uid, t.gid, as_root)?;
+        set_mode(loc, dir_mode(t.mode))?;
         let link = target.join(format!("pg_tblspc/{}", t.oid));
         fs::create_dir_all(link.parent().unwrap()).map_err(Error::io("create directory", &link))?;
         symlink(loc, &link).map_err(Error::io("create tablespace link", &link))?;
-        if as_root {
-            std::os::unix::fs::lchown(&link, Some(t.uid), Some(t.gid)).map_err(Error::io("change owner of", &link))?;
-        }
     }
     for d in dirs.iter().filter(|d| in_tablespace(&d.path)) {
         let p = target.join(&d.path);
         fs::create_dir_all(&p).map_err(Error::io("create directory", &p))?;
-        set_owner(&p, d.mode, d.uid, d.gid, as_root)?;
+        set_mode(&p, dir_mode(d.mode))?;
     }
-    // Files: creating and sizing a thousand files is kernel work worth spreading over threads.
-    let files: Vec<_> = m.files.iter().filter(|f| !f.vanished).collect();
+    // Files: creating and sizing a thousand files is kernel work worth
+    // spreading over threads. pg_control is written last, on its own.
+    let files: Vec<_> = m.files.iter().filter(|f| !f.vanished && f.path != CONTROL_FILE).collect();
     let per = files.len().div_ceil(jobs.max(1)).max(1);
     std::thread::scope(|s| {
-        let handles: Vec<_> =
-            files.chunks(per).map(|part| s.spawn(move || create_files(target, part, as_root))).collect();
+        let handles: Vec<_> = files.chunks(per).map(|part| s.spawn(move || create_files(target, part))).collect();
         handles.into_iter().try_for_each(|h| h.join().expect("layout thread panicked"))
     })
 }
 
-fn create_files(target: &Path, files: &[&FileEntry], as_root: bool) -> Result<()> {
+fn create_files(target: &Path, files: &[&FileEntry]) -> Result<()> {
     for f in files {
         check_relative_path(&f.path)?;
         let p = target.join(&f.path);
-        let file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p) {
+        let mode = file_mode(f.mode);
+        let open =
+            || OpenOptions::new().write(true).create_new(true).mode(mode).custom_flags(libc::O_NOFOLLOW).open(&p);
+        let file = match open() {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A parent the manifest does not list as a directory.
                 let parent = p.parent().unwrap_or(target);
                 fs::create_dir_all(parent).map_err(Error::io("create directory", parent))?;
-                OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p).map_err(Error::io("create", &p))?
+                open().map_err(Error::io("create", &p))?
             }
             Err(e) => return Err(Error::Io { op: "create", path: p, source: e }),
         };
@@ -327,7 +492,7 @@ fn create_files(target: &Path, files: &[&FileEntry], as_root: bool) -> Result<()
                 });
             }
         }
-        set_owner(&p, f.mode, f.uid, f.gid, as_root)?;
+        safe_fs::set_mode(&file, &p, mode)?;
     }
     Ok(())
 }
@@ -440,14 +605,7 @@ fn quote_setting(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
 }
 
-fn write_recovery_files(
-    target: &Path,
-    m: &Manifest,
-    locations: &[(u32, String)],
-    opts: &RestoreOptions,
-    as_root: bool,
-) -> Result<()> {
-    let dd = m.data_directory;
+fn write_recovery_files(target: &Path, locations: &[(u32, String)], m: &Manifest, opts: &RestoreOptions) -> Result<()> {
     let write = |name: &str, bytes: &[u8], append: bool| -> Result<()> {
         let p = target.join(name);
         let mut f = OpenOptions::new()
@@ -455,10 +613,12 @@ fn write_recovery_files(
             .create(true)
             .append(append)
             .truncate(!append)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&p)
             .map_err(Error::io("write", &p))?;
         f.write_all(bytes).map_err(Error::io("write", &p))?;
-        set_owner(&p, 0o600, dd.uid, dd.gid, as_root)
+        Ok(())
     };
     write("backup_label", m.backup_label.as_bytes(), false)?;
     if !locations.is_empty() {
@@ -514,15 +674,29 @@ mod tests {
     fn refuses_non_empty_target_without_force() {
         let d = std::env::temp_dir().join(format!("bs-prep-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
-        prepare_dir(&d, false, "target directory").unwrap();
+        assert_eq!(check_dir(&d, false, "target directory", &[]).unwrap(), DirState::Absent);
+        fs::create_dir_all(&d).unwrap();
+        assert_eq!(check_dir(&d, false, "target directory", &[]).unwrap(), DirState::Empty);
         fs::write(d.join("x"), b"1").unwrap();
-        let err = prepare_dir(&d, false, "target directory").unwrap_err().to_string();
+        let err = check_dir(&d, false, "target directory", &[]).unwrap_err().to_string();
         assert!(err.contains("is not empty"), "{err}");
         fs::write(d.join("postmaster.pid"), b"1").unwrap();
-        assert!(prepare_dir(&d, true, "target directory").unwrap_err().to_string().contains("postmaster.pid"));
+        let err = check_dir(&d, true, "target directory", &[]).unwrap_err().to_string();
+        assert!(err.contains("postmaster.pid"), "{err}");
         fs::remove_file(d.join("postmaster.pid")).unwrap();
-        prepare_dir(&d, true, "target directory").unwrap();
+        assert_eq!(check_dir(&d, true, "target directory", &[]).unwrap(), DirState::Replace);
+        assert!(d.join("x").exists(), "checking removes nothing");
+        let running = [Postmaster { pid: 1, data_directory: d.clone(), tablespaces: vec![] }];
+        let err = check_dir(&d, true, "target directory", &running).unwrap_err().to_string();
+        assert!(err.contains("is in use: the server with pid 1"), "{err}");
+        empty_dir(&d).unwrap();
         assert!(fs::read_dir(&d).unwrap().next().is_none());
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn modes_are_masked_to_what_postgres_accepts() {
+        assert_eq!((dir_mode(0o777), dir_mode(0o700), dir_mode(0)), (0o750, 0o700, 0o700));
+        assert_eq!((file_mode(0o4777), file_mode(0o600), file_mode(0o640)), (0o640, 0o600, 0o640));
     }
 }

@@ -13,6 +13,9 @@ pub static SUMMARY_KEEP_TIME: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 
 pub static MAX_SUMMARY_MEMORY: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// A summary is written at least this often (seconds) while WAL is being written.
 pub static SUMMARY_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// Directories (comma-separated) that repositories named in SQL must lie under;
+/// empty allows none. Superuser-only.
+pub static ALLOWED_REPOSITORIES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// The persistent physical replication slot that holds WAL until it is summarized.
 pub static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"pg_blocktrack"));
 
@@ -56,6 +59,14 @@ pub fn register() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_string_guc(
+        c"blocktrack.allowed_repositories",
+        c"Directories (comma-separated) that repositories named in SQL must lie under.",
+        c"Empty allows none. Paths are compared after resolving symbolic links and \"..\".",
+        &ALLOWED_REPOSITORIES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
         c"blocktrack.slot_name",
         c"Name of the physical replication slot that holds WAL until it is summarized.",
         c"",
@@ -67,4 +78,8 @@ pub fn register() {
 
 pub fn slot_name() -> String {
     SLOT_NAME.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|| "pg_blocktrack".into())
+}
+
+pub fn allowed_repositories() -> String {
+    ALLOWED_REPOSITORIES.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }

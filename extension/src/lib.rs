@@ -12,6 +12,7 @@ mod backup_session;
 mod engine;
 mod errors;
 mod guc;
+mod paths;
 mod pglsn;
 mod slot;
 mod status;

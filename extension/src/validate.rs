@@ -2,8 +2,6 @@
 //! `blockstream verify`, run inside the server so a pg_cron job can prove a
 //! backup restores; and PostgreSQL's own page checksum, to cross-check ours.
 
-use std::path::PathBuf;
-
 use blockstream::repo::Repo;
 use blockstream::verify::{verify_backup, CHECKS};
 use pgrx::pg_sys;
@@ -11,6 +9,7 @@ use pgrx::prelude::*;
 
 use crate::engine;
 use crate::errors::raise;
+use crate::paths;
 
 unsafe extern "C-unwind" {
     fn pg_checksum_page(page: *mut std::ffi::c_char, blkno: pg_sys::BlockNumber) -> u16;
@@ -53,17 +52,10 @@ pub fn server_page_checksum(page: Option<&[u8]>, blkno: Option<i64>) -> i32 {
 
 /// (check, ok, detail) rows for one backup of the repository at `repo`.
 pub fn validate(repo: Option<&str>, backup_id: Option<&str>) -> Vec<(String, bool, String)> {
-    let (Some(repo), Some(backup_id)) = (repo, backup_id) else {
-        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "repo and backup_id must not be NULL", None);
+    let root = paths::check_repository(repo, paths::Access::Read);
+    let Some(backup_id) = backup_id else {
+        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "backup_id must not be NULL", None);
     };
-    if !repo.starts_with('/') {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("repository path \"{repo}\" must be absolute"),
-            None,
-        );
-    }
-    let root = PathBuf::from(repo);
     let repository =
         Repo::open(&root).unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, e.to_string(), None));
     let id = repository

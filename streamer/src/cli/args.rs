@@ -62,8 +62,9 @@ pub enum Checkpoint {
     Spread,
 }
 
-/// How to reach the server; libpq environment variables (PGHOST, PGPORT,
-/// PGUSER, PGDATABASE, PGPASSWORD, PGAPPNAME, PGCONNECT_TIMEOUT) fill the rest.
+/// How to reach the server, as psql takes it: libpq fills in the rest from
+/// its environment variables (PGHOST, PGPORT, PGUSER, PGDATABASE, PGSSLMODE,
+/// PGSERVICE, PGPASSFILE, ...), service file and `.pgpass`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ConnArgs {
     /// Connection string or database name
@@ -182,9 +183,12 @@ pub struct RestoreArgs {
     /// Restore the tablespace at OLDDIR (or with that OID) into NEWDIR
     #[arg(short = 'T', long = "tablespace-map", value_name = "OLDDIR=NEWDIR", value_parser = parse_mapping)]
     pub tablespace_map: Vec<(String, String)>,
-    /// Replace the contents of a non-empty target directory
+    /// Replace the contents of a non-empty target directory (never one a server uses)
     #[arg(long)]
     pub force: bool,
+    /// Run as root: write as this user (default: the target's owner, else the backup's data-directory owner)
+    #[arg(long, value_name = "USER")]
+    pub owner: Option<String>,
     /// Stop recovery at this time
     #[arg(long, value_name = "TIMESTAMP")]
     pub target_time: Option<String>,
@@ -248,6 +252,12 @@ pub struct DrillArgs {
     /// Scratch directory (default: a new one under the temporary directory)
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// Run as root: run the drill's server as this user (default: the backup's data-directory owner)
+    #[arg(long, value_name = "USER")]
+    pub owner: Option<String>,
+    /// Database role the checks connect as (default: the OS user's name)
+    #[arg(long = "user", value_name = "ROLE")]
+    pub user: Option<String>,
     /// Directory of pg_ctl (default: $PG_BINDIR, else /usr/lib/postgresql/<major>/bin)
     #[arg(long, value_name = "DIR")]
     pub pg_bindir: Option<PathBuf>,

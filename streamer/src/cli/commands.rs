@@ -143,7 +143,7 @@ fn backup_json(m: &Manifest, repo: &Path) -> serde_json::Value {
 }
 
 /// Quotes a word for a shell command line (restore_command runs through sh).
-fn shell_quote(s: &str) -> String {
+pub fn shell_quote(s: &str) -> String {
     if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:@".contains(&b)) {
         s.to_string()
     } else {
@@ -179,13 +179,20 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         force: a.force,
         recovery_target,
         restore_command,
+        owner: a.owner.clone(),
     };
     let progress = Progress::default();
     let r = with_progress(a.progress, &progress, || run_restore(&opts, &progress))?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         Output::Text => {
-            println!("restored backup {} into {} in {:.1} s", r.backup_id, r.target, r.duration_secs);
+            println!(
+                "restored backup {} into {} in {:.1} s{}",
+                r.backup_id,
+                r.target,
+                r.duration_secs,
+                r.owner.as_ref().map(|o| format!(", written as user {o}")).unwrap_or_default()
+            );
             if r.chain.len() > 1 {
                 println!("  from the chain {}", r.chain.join(" <- "));
             }
@@ -207,8 +214,23 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Warns on stderr about repository paths others than the owner and group
+/// may read, or the group may write.
+fn warn_loose_modes(repo: &Repo) {
+    let loose = blockstream::safe_fs::loose_modes(repo.root(), 6);
+    for (path, mode) in loose.iter().take(5) {
+        eprintln!(
+            "blockstream: warning: \"{path}\" has mode {mode:04o}: a repository holds the whole database; use 0750 for directories and 0640 for files"
+        );
+    }
+    if loose.len() > 5 {
+        eprintln!("blockstream: warning: more paths of the repository have loose modes");
+    }
+}
+
 fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&absolute(&a.repo))?;
+    warn_loose_modes(&repo);
     let mut rows = Vec::new();
     for id in repo.backup_ids()? {
         rows.push((id.clone(), repo.load_manifest(&id)));
@@ -303,6 +325,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&absolute(&a.repo))?;
+    warn_loose_modes(&repo);
     let ids = if a.backup == "all" { repo.backup_ids()? } else { vec![repo.resolve(&a.backup)?] };
     let progress = Progress::default();
     let results: Vec<_> = ids.iter().map(|id| verify_backup(&repo, id, a.jobs, &progress)).collect();

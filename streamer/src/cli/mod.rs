@@ -7,6 +7,7 @@ mod args;
 mod commands;
 mod drill;
 mod output;
+mod pq;
 mod session;
 
 use std::process::ExitCode;

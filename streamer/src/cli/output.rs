@@ -7,8 +7,17 @@ use std::time::Duration;
 use blockstream::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Runs `f` while a thread draws `progress` on stderr (when `enabled`).
+/// Runs `f` while a thread draws `progress` on stderr (when `enabled`),
+/// then prints the warnings the engine recorded.
 pub fn with_progress<T>(enabled: bool, progress: &Progress, f: impl FnOnce() -> T) -> T {
+    let r = draw_progress(enabled, progress, f);
+    for w in progress.take_warnings() {
+        eprintln!("blockstream: warning: {w}");
+    }
+    r
+}
+
+fn draw_progress<T>(enabled: bool, progress: &Progress, f: impl FnOnce() -> T) -> T {
     if !enabled {
         return f();
     }

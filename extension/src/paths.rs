@@ -1,0 +1,83 @@
+//! Paths that come from SQL: who may name one, and which ones.
+//!
+//! As with `COPY ... FROM 'file'`, a function that reads a repository needs
+//! superuser or the privileges of `pg_read_server_files` (writing one:
+//! `pg_write_server_files`), and the path must lie under one of the
+//! directories in `blocktrack.allowed_repositories` (a superuser-only
+//! setting; empty allows none). Both the path and the allowed directories are
+//! canonicalized (symbolic links resolved, `..` removed) before they are
+//! compared, so neither a link nor `..` leads outside the list; from then on
+//! the engine opens files below the canonical path without following any
+//! symbolic link.
+
+use std::path::PathBuf;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::raise;
+use crate::guc;
+
+/// What a function does with the repository it is given. (Functions that
+/// write one will need `pg_write_server_files`.)
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+}
+
+/// Whether the current user has the privileges of `role` (or is superuser).
+fn has_role(role: u32) -> bool {
+    // SAFETY: plain catalog lookups for the current user, valid in any backend.
+    unsafe { pg_sys::superuser() || pg_sys::has_privs_of_role(pg_sys::GetUserId(), pg_sys::Oid::from(role)) }
+}
+
+/// The allowed directories, canonicalized; entries that do not exist are left out.
+fn allowed() -> Vec<PathBuf> {
+    guc::allowed_repositories()
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .filter_map(|e| std::fs::canonicalize(e).ok())
+        .collect()
+}
+
+/// Checks that the current user may use the repository at `repo` for
+/// `access`, and returns its canonical path. Raises 22004 (NULL), 42501 (no
+/// privilege, or not under an allowed directory), 22023 (not absolute),
+/// 58P01 (does not exist).
+pub fn check_repository(repo: Option<&str>, access: Access) -> PathBuf {
+    let Some(repo) = repo else {
+        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "repository path must not be NULL", None);
+    };
+    let (role, role_name) = match access {
+        Access::Read => (pg_sys::ROLE_PG_READ_SERVER_FILES, "pg_read_server_files"),
+    };
+    if !has_role(role) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to use repository \"{repo}\""),
+            Some(&format!("only superusers and roles with the privileges of {role_name} may use a repository")),
+        );
+    }
+    if !repo.starts_with('/') {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("repository path \"{repo}\" must be absolute"),
+            None,
+        );
+    }
+    let canonical = match std::fs::canonicalize(repo) {
+        Ok(p) => p,
+        Err(e) => {
+            raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, format!("repository \"{repo}\" does not exist: {e}"), None)
+        }
+    };
+    if !allowed().iter().any(|a| canonical.starts_with(a)) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("repository \"{}\" is not under blocktrack.allowed_repositories", canonical.display()),
+            Some("a superuser lists the directories repositories may be in with blocktrack.allowed_repositories"),
+        );
+    }
+    canonical
+}

@@ -17,6 +17,9 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 step "unit tests (blockstream)"
 cargo test --release -p blockstream --lib
 
+step "fuzzing: every decoder of data read from disk, 100,000 inputs each (FUZZ_ITERS=N for longer)"
+cargo test --release -p blockstream --test fuzz
+
 step "#[pg_test]s (pg_blocktrack)"
 pgrx_data=/tmp/blocktrack-pgrx-test
 rm -rf "$pgrx_data" && mkdir -p "$pgrx_data" && chown postgres "$pgrx_data"
@@ -38,6 +41,9 @@ cargo test --release -p blockstream --test incremental -- --test-threads=1
 
 step "validation tests (checksums, verify, validate_backup, drill)"
 cargo test --release -p blockstream --test validation -- --test-threads=1
+
+step "security tests (hostile repositories, grantees, --force, root, drill, modes, TLS)"
+cargo test --release -p blockstream --test security -- --test-threads=1
 
 step "benchmark harness, quick mode (keeps bench/ from rotting; figures come from the full run)"
 python3 bench/bench.py --quick

@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     // away (`blockstream info | head`) instead of panicking on EPIPE.
     // SAFETY: restoring the default disposition of SIGPIPE at startup.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    blockstream::failpoint::arm_from_env();
     match cli::run() {
         Ok(code) => code,
         Err(e) => {

@@ -197,9 +197,11 @@ impl Repo {
         for e in fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
             let e = e.map_err(Error::io("read directory", &dir))?;
             let id = e.file_name().to_string_lossy().into_owned();
-            // A backup is a real directory (never a symbolic link) holding a regular manifest.
+            // A backup is a real directory (never a symbolic link) holding a
+            // manifest; one that is not a regular file is listed, and refused
+            // with its reason when read.
             let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            let has_manifest = fs::symlink_metadata(e.path().join(MANIFEST_FILE)).is_ok_and(|m| m.is_file());
+            let has_manifest = fs::symlink_metadata(e.path().join(MANIFEST_FILE)).is_ok_and(|m| !m.is_dir());
             if is_backup_id(&id) && real_dir && has_manifest {
                 ids.push(id);
             }

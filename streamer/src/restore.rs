@@ -601,8 +601,10 @@ fn escape_tablespace_path(p: &str) -> String {
     s
 }
 
+/// A setting value quoted for postgresql.conf, whose parser takes a backslash
+/// as an escape character inside quotes and '' as a quote.
 fn quote_setting(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn write_recovery_files(target: &Path, locations: &[(u32, String)], m: &Manifest, opts: &RestoreOptions) -> Result<()> {
@@ -668,6 +670,7 @@ mod tests {
     fn escapes_like_postgres() {
         assert_eq!(escape_tablespace_path("/a b\\c\nd"), "/a b\\\\c\\\nd");
         assert_eq!(quote_setting("it's"), "'it''s'");
+        assert_eq!(quote_setting(r"a'\''b"), r"'a''\\''''b'");
     }
 
     #[test]

@@ -50,6 +50,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
             .map(PathBuf::from)
             .context("no data directory given and the server does not show it to this user: use -D or set PGDATA")?,
     };
+    become_cluster_owner(&pgdata)?;
     let opts = BackupOptions {
         pgdata: absolute(&pgdata),
         repo: absolute(&a.repo),
@@ -107,6 +108,27 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Run as root, a backup becomes the owner of the data directory before it
+/// reads or writes anything: the repository then belongs to the cluster's
+/// owner (mode 0750/0640), the server can read it (validate_backup,
+/// archive-get), and no file the owner could not read ends up in it.
+fn become_cluster_owner(pgdata: &Path) -> anyhow::Result<()> {
+    if !blockstream::privs::is_root() {
+        return Ok(());
+    }
+    let uid = blockstream::privs::owner_of(pgdata)
+        .with_context(|| format!("could not stat data directory \"{}\"", pgdata.display()))?;
+    if uid == 0 {
+        anyhow::bail!(
+            "data directory \"{}\" is owned by root: it is not a PostgreSQL data directory",
+            pgdata.display()
+        );
+    }
+    let user = blockstream::privs::user_by_uid(uid)?;
+    blockstream::privs::become_user(&user)?;
+    Ok(())
 }
 
 fn type_name(m: &Manifest) -> &'static str {

@@ -110,7 +110,10 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
     let role = a.user.clone().unwrap_or_else(|| owner.name.clone());
     let d = Drill { id, manifest, repo: repo_path, owner, role, bindir, base };
     make_private_dir(&d)?;
-    // Opened now: after the restore the drill may no longer be allowed to write into the repository.
+    if privs::is_root() {
+        // Everything from here on, the restore included, runs as the drill's user.
+        privs::become_user(&d.owner)?;
+    }
     let mut log = open_log(repo.root())?;
 
     let started = SystemTime::now();
@@ -216,8 +219,7 @@ fn open_log(repo: &Path) -> anyhow::Result<File> {
     Ok(f)
 }
 
-/// Restores into `base/data`, tablespaces inside the scratch directory. Run
-/// as root, the process is the drill's user from here on.
+/// Restores into `base/data`, tablespaces inside the scratch directory.
 fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()> {
     let exe = std::env::current_exe().map_err(blockstream::Error::io("find", Path::new("/proc/self/exe")))?;
     let opts = RestoreOptions {
@@ -238,7 +240,7 @@ fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()
             shell_quote(&exe.display().to_string()),
             shell_quote(&d.repo.display().to_string())
         )),
-        owner: Some(d.owner.name.clone()).filter(|_| privs::is_root()),
+        owner: None,
     };
     let progress = Progress::default();
     let t = Instant::now();

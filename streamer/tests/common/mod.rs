@@ -112,6 +112,28 @@ impl Cluster {
         self.start_with("")
     }
 
+    /// Appends settings to postgresql.conf (takes effect at the next start or reload).
+    pub fn append_conf(&self, text: &str) {
+        let path = self.data.join("postgresql.conf");
+        let mut all = std::fs::read_to_string(&path).unwrap();
+        all.push('\n');
+        all.push_str(text);
+        all.push('\n');
+        std::fs::write(&path, all).unwrap();
+    }
+
+    /// Puts rules at the top of pg_hba.conf (first match wins).
+    pub fn prepend_hba(&self, lines: &str) {
+        let path = self.data.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{lines}\n{old}")).unwrap();
+    }
+
+    /// The server's start time, to prove it did not restart.
+    pub fn postmaster_start_time(&self) -> String {
+        self.sql("postgres", "SELECT pg_postmaster_start_time()")
+    }
+
     /// Starts with extra server options (`-b` for binary-upgrade mode, say).
     pub fn start_with(&self, extra: &str) {
         let mut c = as_postgres("pg_ctl");
@@ -292,4 +314,26 @@ pub fn assert_same_dump(expected: &str, found: &str, what: &str) {
             f.get(i)
         );
     }
+}
+
+/// The manifest of backup `id`, parsed by the engine.
+pub fn load_manifest(repo: &Path, id: &str) -> blockstream::manifest::Manifest {
+    blockstream::manifest::Manifest::load(&repo.join("backups").join(id)).unwrap()
+}
+
+/// Writes a (possibly hostile) manifest back with a valid checksum, as an
+/// attacker with write access to the repository could.
+pub fn store_manifest(repo: &Path, m: &blockstream::manifest::Manifest) {
+    m.store(&repo.join("backups").join(&m.backup_id)).unwrap();
+}
+
+/// Copies a directory tree (cp -a).
+pub fn copy_tree(from: &Path, to: &Path) {
+    run_ok(Command::new("cp").arg("-a").arg(from).arg(to));
+}
+
+/// Mode bits of a path (not following a link).
+pub fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
 }

@@ -73,7 +73,7 @@ fn sql_paths_are_checked_and_hostile_repositories_fail_cleanly() {
     let repo = allowed.join("repo");
     let id = backup(&c, &repo, &["-j", "2"])["backup_id"].as_str().unwrap().to_string();
     let started = c.postmaster_start_time();
-    let mut bystander = Command::new(pg_bin("psql"))
+    let bystander = Command::new(pg_bin("psql"))
         .args(c.conn())
         .args(["-d", "postgres", "-XAtqc", "SELECT pg_sleep(25), 'bystander survived'"])
         .stdout(Stdio::piped())
@@ -466,7 +466,8 @@ fn malformed_manifests_are_refused_by_name() {
     let c = source(&base, "");
     let repo = base.join("repo");
     let id = backup(&c, &repo, &[])["backup_id"].as_str().unwrap().to_string();
-    let cases: Vec<(&str, Box<dyn Fn(&mut blockstream::manifest::Manifest)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut blockstream::manifest::Manifest)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("segzero", Box::new(|m| m.wal_segment_size = 0), "has wal_segment_size 0,"),
         ("seg2to33", Box::new(|m| m.wal_segment_size = 1 << 33), "has wal_segment_size 8589934592,"),
         (
@@ -667,7 +668,7 @@ fn tls_pgpass_and_service_files_work_as_in_psql() {
     };
 
     // verify-full with the right CA, slowed down so pg_stat_ssl can be read while it runs.
-    let mut child = bs_env(&conninfo("ca", "verify-full"), &["--max-rate", "4M"])
+    let child = bs_env(&conninfo("ca", "verify-full"), &["--max-rate", "4M"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -8,11 +8,13 @@
 //! backup's checkpoint); the slot lives until the session ends or the next
 //! `backup_start`, so the caller can copy WAL up to the stop LSN after `backup_stop`.
 
+use blockstream::backup_label::BackupLabel;
 use blockstream::lsn::Lsn;
 use pgrx::prelude::*;
 use pgrx::AnyNumeric;
 
 use crate::errors::raise;
+use crate::walread;
 use crate::PgLsn;
 
 pub struct Started {
@@ -28,6 +30,9 @@ pub struct Stopped {
     pub stop_tli: i32,
     pub labelfile: String,
     pub spcmapfile: String,
+    /// The checkpoint record the backup starts from (backup_label's
+    /// CHECKPOINT LOCATION) and its CRC, when it can be read.
+    pub checkpoint: Option<(Lsn, u32)>,
 }
 
 fn backup_running() -> bool {
@@ -120,10 +125,24 @@ pub fn stop(wait_for_archive: bool) -> Stopped {
     .unwrap_or_else(|e| error!("pg_backup_stop failed: {e}"));
     let (Some(lsn), Some(labelfile), spcmapfile) = row else { error!("pg_backup_stop returned NULL") };
     let lsn: Lsn = lsn.parse().unwrap_or_else(|e| error!("pg_backup_stop returned \"{lsn}\": {e}"));
+    let checkpoint = match BackupLabel::parse(&labelfile) {
+        Ok(l) => match walread::record_crc(l.checkpoint_lsn.0) {
+            Ok(crc) => Some((l.checkpoint_lsn, crc)),
+            Err(why) => {
+                warning!("pg_blocktrack: could not read the checkpoint record at {}: {why}", l.checkpoint_lsn);
+                None
+            }
+        },
+        Err(e) => {
+            warning!("pg_blocktrack: {e}");
+            None
+        }
+    };
     Stopped {
         stop_lsn: lsn.into(),
         stop_tli: current_timeline(),
         labelfile,
         spcmapfile: spcmapfile.unwrap_or_default(),
+        checkpoint,
     }
 }

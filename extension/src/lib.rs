@@ -20,6 +20,7 @@ mod summarizer;
 mod tracking;
 mod validate;
 mod wal_records;
+mod walread;
 
 use std::time::Duration;
 
@@ -65,9 +66,12 @@ fn timeout_ms(ms: i32) -> Duration {
 
 /// Starts an online backup in this session (PostgreSQL's `pg_backup_start`)
 /// and holds WAL from its start with a temporary replication slot. With a
-/// parent (its start LSN and timeline), waits up to `wait_timeout_ms` for the
-/// summaries to reach this backup's start and says whether an incremental
-/// backup on that parent is possible, and why not.
+/// parent (its start LSN and timeline; its stop LSN and the LSN and CRC of
+/// its checkpoint record, from `backup_stop`), waits up to
+/// `wait_timeout_ms` for the summaries to reach this backup's start and
+/// says whether an incremental backup on that parent is possible, and why
+/// not: the changes since it must be known, and it must lie in this
+/// server's WAL history.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 fn backup_start(
@@ -76,6 +80,9 @@ fn backup_start(
     parent_start_lsn: default!(Option<PgLsn>, "NULL"),
     parent_tli: default!(Option<i32>, "NULL"),
     wait_timeout_ms: default!(Option<i32>, 60000),
+    parent_stop_lsn: default!(Option<PgLsn>, "NULL"),
+    parent_checkpoint_lsn: default!(Option<PgLsn>, "NULL"),
+    parent_checkpoint_crc: default!(Option<i64>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -97,15 +104,24 @@ fn backup_start(
             None,
         );
     }
+    let crc = parent_checkpoint_crc.map(|c| {
+        u32::try_from(c).unwrap_or_else(|_| {
+            errors::raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("parent_checkpoint_crc must be a 32-bit CRC (0 to 4294967295), got {c}"),
+                None,
+            )
+        })
+    });
+    let parent = parent_start_lsn.map(|l| tracking::Parent {
+        start: Lsn::from(l),
+        timeline: parent_tli.map(|t| t as u32),
+        stop: parent_stop_lsn.map(Lsn::from),
+        checkpoint: parent_checkpoint_lsn.map(Lsn::from).zip(crc),
+    });
     let s = backup_session::start(label, fast);
     // From here on the backup runs: report problems as rows, never as errors.
-    let (ok, reason) = tracking::incremental_check(
-        parent_start_lsn.map(Lsn::from),
-        parent_tli.map(|t| t as u32),
-        Lsn::from(s.start_lsn),
-        s.start_tli as u32,
-        timeout,
-    );
+    let (ok, reason) = tracking::incremental_check(parent, Lsn::from(s.start_lsn), s.start_tli as u32, timeout);
     TableIterator::once((
         s.start_lsn,
         s.start_tli,
@@ -118,16 +134,33 @@ fn backup_start(
 }
 
 /// Stops the backup of this session; returns what the backup needs besides
-/// the data files: the stop LSN, `backup_label` and `tablespace_map`.
+/// the data files: the stop LSN, `backup_label` and `tablespace_map`, and
+/// the LSN and CRC of the checkpoint record the backup starts from (what a
+/// later incremental backup uses to prove this one is in its history).
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
 fn backup_stop(
     wait_for_archive: default!(Option<bool>, false),
 ) -> TableIterator<
     'static,
-    (name!(stop_lsn, PgLsn), name!(stop_tli, i32), name!(labelfile, String), name!(spcmapfile, String)),
+    (
+        name!(stop_lsn, PgLsn),
+        name!(stop_tli, i32),
+        name!(labelfile, String),
+        name!(spcmapfile, String),
+        name!(checkpoint_lsn, Option<PgLsn>),
+        name!(checkpoint_crc, Option<i64>),
+    ),
 > {
     let s = backup_session::stop(not_null(wait_for_archive, "wait_for_archive"));
-    TableIterator::once((s.stop_lsn, s.stop_tli, s.labelfile, s.spcmapfile))
+    TableIterator::once((
+        s.stop_lsn,
+        s.stop_tli,
+        s.labelfile,
+        s.spcmapfile,
+        s.checkpoint.map(|(l, _)| PgLsn::from(l)),
+        s.checkpoint.map(|(_, c)| c as i64),
+    ))
 }
 
 /// The summarizer's state: positions, lag, slot, memory, last error.
@@ -341,11 +374,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(slots, Some(1), "the backup holds WAL with a temporary slot");
-        let (label, after) =
-            Spi::get_two::<String, bool>("SELECT labelfile, stop_lsn >= $$0/0$$::pg_lsn FROM blocktrack.backup_stop()")
-                .unwrap();
+        let (label, after) = Spi::get_two::<String, bool>(&format!(
+            "SELECT labelfile, stop_lsn >= '{}'::pg_lsn AND checkpoint_lsn >= '{}'::pg_lsn AND checkpoint_crc IS NOT NULL \
+             FROM blocktrack.backup_stop()",
+            lsn.as_deref().unwrap(),
+            lsn.as_deref().unwrap()
+        ))
+        .unwrap();
         assert!(label.unwrap().contains("LABEL: pg_test"));
-        assert_eq!(after, Some(true));
+        assert_eq!(after, Some(true), "the stop LSN and the checkpoint come after the start");
     }
 
     #[pg_test(error = "no backup is running in this session")]

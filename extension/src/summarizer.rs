@@ -35,21 +35,8 @@ use pgrx::prelude::*;
 use crate::guc;
 use crate::slot::{self, SlotState};
 use crate::status::STATUS;
-use crate::wal_records::{is_segment_switch, summarize_record};
-
-// The callbacks the WAL reader calls, as the C symbols themselves (pgrx's
-// bindings wrap these functions for calls from Rust, not as pointers).
-unsafe extern "C-unwind" {
-    fn read_local_xlog_page_no_wait(
-        state: *mut pg_sys::XLogReaderState,
-        target_page: pg_sys::XLogRecPtr,
-        req_len: std::ffi::c_int,
-        target_rec: pg_sys::XLogRecPtr,
-        cur_page: *mut std::ffi::c_char,
-    ) -> std::ffi::c_int;
-    fn wal_segment_open(state: *mut pg_sys::XLogReaderState, next_seg: pg_sys::XLogSegNo, tli: *mut pg_sys::TimeLineID);
-    fn wal_segment_close(state: *mut pg_sys::XLogReaderState);
-}
+use crate::wal_records::{checkpoint_record, is_segment_switch, summarize_record};
+use crate::walread;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_blocktrack summarizer")
@@ -256,7 +243,13 @@ impl Summarizer {
                         if prior.is_some() {
                             log!("pg_blocktrack: tracking restarts at {start}: {why}");
                         }
-                        (start, start)
+                        // State ahead of WAL: WAL up to the old resume point is
+                        // being written again, differently. No parent may start
+                        // before that point.
+                        let valid = prior
+                            .filter(|p| p.system_identifier == system_identifier && p.timeline == timeline)
+                            .map_or(start, |p| start.max(p.resume_lsn));
+                        (start, valid)
                     }
                 }
             }
@@ -277,24 +270,10 @@ impl Summarizer {
         let state = TrackerState { system_identifier, timeline, resume_lsn: start, valid_since };
         state.store(&base).unwrap_or_else(|e| error!("{e}"));
 
-        // SAFETY: allocates PostgreSQL's WAL reader with the local page-read
-        // callbacks; `private` is the state read_local_xlog_page_no_wait expects.
-        let (reader, private) = unsafe {
-            let private = pg_sys::palloc0(std::mem::size_of::<pg_sys::ReadLocalXLogPageNoWaitPrivate>())
-                as *mut pg_sys::ReadLocalXLogPageNoWaitPrivate;
-            let mut routine = pg_sys::XLogReaderRoutine {
-                page_read: Some(read_local_xlog_page_no_wait),
-                segment_open: Some(wal_segment_open),
-                segment_close: Some(wal_segment_close),
-            };
-            let reader =
-                pg_sys::XLogReaderAllocate(pg_sys::wal_segment_size, std::ptr::null(), &mut routine, private.cast());
-            if reader.is_null() {
-                error!("out of memory while allocating a WAL reading processor");
-            }
-            pg_sys::XLogBeginRead(reader, start.0);
-            (reader, private)
-        };
+        let (reader, private) = walread::allocate();
+        // SAFETY: the reader was just allocated; `start` is where the last
+        // durable summary ended, a record boundary.
+        unsafe { pg_sys::XLogBeginRead(reader, start.0) };
         {
             let mut st = STATUS.exclusive();
             st.timeline = timeline;
@@ -363,6 +342,10 @@ impl Summarizer {
                 continue;
             }
             // SAFETY: XLogReadRecord just returned a record for this reader.
+            if let Some((lsn, crc)) = unsafe { checkpoint_record(self.reader) } {
+                self.table.record_checkpoint(Lsn(lsn), crc);
+            }
+            // SAFETY: as above.
             if let Some(why) = unsafe { summarize_record(self.reader, &mut self.table) } {
                 if self.gap.is_none() {
                     warning!("pg_blocktrack: {why}; no incremental backup can span this point");

@@ -4,9 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use blockstream::blkref::{
-    covering, list_summaries, read_summary, BlockRefTable, SummaryFile, MAIN_FORK, RELSEG_BLOCKS,
-};
+use blockstream::blkref::{covering, list_summaries, read_summary, BlockRefTable, SummaryFile, MAIN_FORK};
 use blockstream::lsn::Lsn;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -109,32 +107,71 @@ pub fn changes_between(since: Lsn, until: Lsn, timeline: u32) -> Result<(BlockRe
     Ok((merged, chosen))
 }
 
-/// Whether an incremental backup starting at `start` can build on a parent
-/// that started at `parent_start` on `parent_tli`; the reason when not.
-pub fn incremental_check(
-    parent_start: Option<Lsn>,
-    parent_tli: Option<u32>,
-    start: Lsn,
-    start_tli: u32,
-    timeout: Duration,
-) -> (bool, String) {
-    let Some(parent_start) = parent_start else {
+/// What backup_start is told of a parent backup.
+#[derive(Clone, Copy, Debug)]
+pub struct Parent {
+    pub start: Lsn,
+    pub timeline: Option<u32>,
+    pub stop: Option<Lsn>,
+    /// The parent's checkpoint record: LSN and CRC.
+    pub checkpoint: Option<(Lsn, u32)>,
+}
+
+/// Whether an incremental backup starting at `start` can build on `parent`;
+/// the reason when not. The changes since the parent must be known without
+/// a gap, and the parent must lie in this server's WAL history: it ends
+/// before this backup starts (as PostgreSQL 17 requires), and its
+/// checkpoint record, same LSN and same CRC, is among those the summaries
+/// between it and now recorded. A data directory put back from a snapshot,
+/// a copy started without a new timeline, or another server promoted onto
+/// the same timeline write other records at those LSNs.
+pub fn incremental_check(parent: Option<Parent>, start: Lsn, start_tli: u32, timeout: Duration) -> (bool, String) {
+    let Some(p) = parent else {
         return (false, "no parent backup given".into());
     };
-    if let Some(t) = parent_tli {
+    if let Some(t) = p.timeline {
         if t != start_tli {
             return (false, format!("the parent backup is on timeline {t}, the server on {start_tli}"));
         }
     }
-    if parent_start > start {
-        return (false, format!("the parent backup starts at {parent_start}, after this backup's start {start}"));
+    if p.start > start {
+        return (false, format!("the parent backup starts at {}, after this backup's start {start}", p.start));
+    }
+    if let Some(stop) = p.stop {
+        if stop > start {
+            return (
+                false,
+                format!(
+                    "the parent backup ends at {stop}, after this backup's start {start}: it does not come before this backup in this server's history"
+                ),
+            );
+        }
     }
     if let Err(why) = wait_for_summary(start, timeout) {
         return (false, why);
     }
-    match changes_between(parent_start, start, start_tli) {
-        Ok(_) => (true, String::new()),
-        Err(why) => (false, why),
+    let table = match changes_between(p.start, start, start_tli) {
+        Ok((t, _)) => t,
+        Err(why) => return (false, why),
+    };
+    let Some((lsn, crc)) = p.checkpoint else {
+        return (false, "the parent backup records no checkpoint to prove it lies in this server's WAL history".into());
+    };
+    match table.checkpoints().iter().find(|(l, _)| *l == lsn) {
+        Some((_, c)) if *c == crc => (true, String::new()),
+        Some((_, c)) => (
+            false,
+            format!(
+                "the parent backup's checkpoint record at {lsn} has CRC {crc:08x}, but this server's WAL has one with CRC {c:08x} there: the parent comes from another WAL history (a data directory put back from a snapshot, or another server on the same timeline)"
+            ),
+        ),
+        None => (
+            false,
+            format!(
+                "the parent backup's checkpoint record at {lsn} is not in this server's WAL history from {} to {start}: the parent comes from another history",
+                p.start
+            ),
+        ),
     }
 }
 
@@ -173,12 +210,14 @@ pub fn segment_rows(table: &BlockRefTable) -> Vec<SegmentChanges> {
             });
             continue;
         }
+        // Segments of this server's own RELSEG_SIZE (--with-segsize changes it).
+        let relseg = pg_sys::RELSEG_SIZE;
         let mut per_seg: std::collections::BTreeMap<u32, Vec<u32>> = std::collections::BTreeMap::new();
         for b in c.blocks.iter() {
-            per_seg.entry(b / RELSEG_BLOCKS).or_default().push(b % RELSEG_BLOCKS);
+            per_seg.entry(b / relseg).or_default().push(b % relseg);
         }
         if let Some(l) = c.limit {
-            per_seg.entry(l / RELSEG_BLOCKS).or_default();
+            per_seg.entry(l / relseg).or_default();
         }
         for (segno, blocks) in per_seg {
             rows.push(SegmentChanges {
@@ -189,7 +228,7 @@ pub fn segment_rows(table: &BlockRefTable) -> Vec<SegmentChanges> {
                 fork: k.fork,
                 segno,
                 limit_block: c.limit,
-                full_copy: c.limit.is_some_and(|l| l <= segno * RELSEG_BLOCKS),
+                full_copy: c.limit.is_some_and(|l| l as u64 <= segno as u64 * relseg as u64),
                 blocks,
             });
         }

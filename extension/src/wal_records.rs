@@ -26,6 +26,8 @@ const XLOG_DBASE_CREATE_FILE_COPY: u8 = 0x00;
 const XLOG_DBASE_CREATE_WAL_LOG: u8 = 0x10;
 const XLOG_DBASE_DROP: u8 = 0x20;
 
+const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
+const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
 const XLOG_SWITCH: u8 = 0x40;
 const XLOG_PARAMETER_CHANGE: u8 = 0x60;
 const WAL_LEVEL_REPLICA: i32 = 1;
@@ -120,6 +122,22 @@ pub unsafe fn is_segment_switch(reader: *mut pg_sys::XLogReaderState) -> bool {
         let rec = (*reader).record;
         (*rec).header.xl_rmid as u32 == pg_sys::RmgrIds::RM_XLOG_ID
             && (*rec).header.xl_info & !XLR_INFO_MASK == XLOG_SWITCH
+    }
+}
+
+/// The LSN and header CRC of the record the reader just returned, when it is
+/// a checkpoint record: what proves a backup lies in this server's history.
+///
+/// # Safety
+/// `reader` must hold a record just returned by XLogReadRecord.
+pub unsafe fn checkpoint_record(reader: *mut pg_sys::XLogReaderState) -> Option<(u64, u32)> {
+    // SAFETY: the caller guarantees a current decoded record.
+    unsafe {
+        let rec = (*reader).record;
+        let info = (*rec).header.xl_info & !XLR_INFO_MASK;
+        ((*rec).header.xl_rmid as u32 == pg_sys::RmgrIds::RM_XLOG_ID
+            && (info == XLOG_CHECKPOINT_ONLINE || info == XLOG_CHECKPOINT_SHUTDOWN))
+            .then(|| ((*reader).ReadRecPtr, (*rec).header.xl_crc))
     }
 }
 

@@ -35,9 +35,35 @@ SELECT try($$SELECT * FROM blocktrack.backup_start('x', true, NULL, NULL, NULL)$
 SELECT try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 0)$$, true);
 SELECT try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 1, -5)$$, true);
 
--- backup_start says whether an incremental on a parent is possible, and why not.
+-- backup_start says whether an incremental on a parent is possible, and why
+-- not: the changes since the parent must be known and the parent must lie in
+-- this server's WAL history (its checkpoint record, same LSN and CRC).
 SELECT incremental_ok, reason FROM blocktrack.backup_start('no parent');
 SELECT stop_tli FROM blocktrack.backup_stop();
+SELECT start_lsn AS p_start FROM blocktrack.backup_start('parent') \gset
+SELECT stop_lsn AS p_stop, checkpoint_lsn AS p_ckpt, checkpoint_crc AS p_crc FROM blocktrack.backup_stop() \gset
+SELECT :'p_ckpt'::pg_lsn >= :'p_start'::pg_lsn AS checkpoint_after_start,
+       :'p_stop'::pg_lsn >= :'p_ckpt'::pg_lsn AS stop_after_checkpoint;
+INSERT INTO tracked VALUES (0, 'after the parent');
+SELECT incremental_ok, reason FROM blocktrack.backup_start('child', true, :'p_start', 1,
+  parent_stop_lsn => :'p_stop', parent_checkpoint_lsn => :'p_ckpt', parent_checkpoint_crc => :'p_crc');
+SELECT stop_tli FROM blocktrack.backup_stop();
+-- The same checkpoint LSN with another CRC: a parent from another history.
+SELECT incremental_ok, regexp_replace(reason, '[0-9A-F]+/[0-9A-F]+|CRC [0-9a-f]+', 'X', 'g') AS reason
+  FROM blocktrack.backup_start('forged', true, :'p_start', 1,
+  parent_stop_lsn => :'p_stop', parent_checkpoint_lsn => :'p_ckpt', parent_checkpoint_crc => :'p_crc'::int8 # 1);
+SELECT stop_tli FROM blocktrack.backup_stop();
+-- A checkpoint LSN where this server has none.
+SELECT incremental_ok, regexp_replace(reason, '[0-9A-F]+/[0-9A-F]+', 'X/X', 'g') AS reason
+  FROM blocktrack.backup_start('nowhere', true, :'p_start', 1,
+  parent_stop_lsn => :'p_stop', parent_checkpoint_lsn => :'p_ckpt'::pg_lsn + 8, parent_checkpoint_crc => :'p_crc');
+SELECT stop_tli FROM blocktrack.backup_stop();
+-- A parent that ends after this backup starts (PostgreSQL 17 refuses it too).
+SELECT incremental_ok, regexp_replace(reason, '[0-9A-F]+/[0-9A-F]+', 'X/X', 'g') AS reason
+  FROM blocktrack.backup_start('ends later', true, :'p_start', 1,
+  parent_stop_lsn => 'FFFFFFFF/0', parent_checkpoint_lsn => :'p_ckpt', parent_checkpoint_crc => :'p_crc');
+SELECT stop_tli FROM blocktrack.backup_stop();
+-- No checkpoint given (a backup from before this check).
 SELECT incremental_ok, reason FROM blocktrack.backup_start('tracked parent', true, :'a', 1);
 SELECT stop_tli FROM blocktrack.backup_stop();
 SELECT incremental_ok, regexp_replace(reason, '[0-9A-F]+/[0-9A-F]+', 'X/X', 'g') AS reason
@@ -45,3 +71,4 @@ SELECT incremental_ok, regexp_replace(reason, '[0-9A-F]+/[0-9A-F]+', 'X/X', 'g')
 SELECT stop_tli FROM blocktrack.backup_stop();
 SELECT incremental_ok, reason FROM blocktrack.backup_start('other timeline', true, :'a', 2);
 SELECT stop_tli FROM blocktrack.backup_stop();
+SELECT try($$SELECT * FROM blocktrack.backup_start('x', true, '0/1', 1, parent_checkpoint_crc => -1)$$);

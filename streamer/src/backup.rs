@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
+use crate::backup_label::BackupLabel;
 use crate::copy::{copy_pieces, CopyConfig, CopyOutcome, Piece};
 use crate::error::{Error, Result};
 use crate::hash::{file_digest, to_hex, Digest};
@@ -51,15 +52,41 @@ pub struct StopInfo {
     pub timeline: u32,
     pub backup_label: String,
     pub tablespace_map: String,
+    /// The CRC of the checkpoint record the backup starts from (at the
+    /// label's CHECKPOINT LOCATION), when the server could read it.
+    pub checkpoint_crc: Option<u32>,
+}
+
+/// What the server needs to know of a parent to decide whether an
+/// incremental backup can build on it: where it starts and stops, and the
+/// checkpoint record (LSN and CRC) that proves it lies in the server's WAL
+/// history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParentRef {
+    pub start_lsn: Lsn,
+    pub timeline: u32,
+    pub stop_lsn: Lsn,
+    pub checkpoint: Option<(Lsn, u32)>,
+}
+
+impl ParentRef {
+    pub fn of(m: &Manifest) -> ParentRef {
+        ParentRef {
+            start_lsn: m.start_lsn,
+            timeline: m.timeline,
+            stop_lsn: m.stop_lsn,
+            checkpoint: m.checkpoint_lsn.zip(m.checkpoint_crc),
+        }
+    }
 }
 
 /// The server side of a backup: `blocktrack.backup_start` / `backup_stop` on
 /// one session, over libpq (the CLI) or SPI (the extension).
 pub trait BackupSession {
     fn server_info(&mut self) -> Result<ServerInfo>;
-    /// Starts the backup; with a parent (its start LSN and timeline), also says
-    /// whether the blocks changed since then are known.
-    fn start(&mut self, label: &str, fast: bool, parent: Option<(Lsn, u32)>) -> Result<StartInfo>;
+    /// Starts the backup; with a parent, also says whether the blocks changed
+    /// since then are known and the parent lies in this server's history.
+    fn start(&mut self, label: &str, fast: bool, parent: Option<ParentRef>) -> Result<StartInfo>;
     /// The blocks changed from `since` to `until` (`blocktrack.changed_blocks`).
     fn changed_blocks(&mut self, since: Lsn, until: Lsn, timeline: u32) -> Result<Vec<ChangedSegment>>;
     fn stop(&mut self) -> Result<StopInfo>;
@@ -140,7 +167,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let mut full_reason = None;
     let parent = match opts.mode {
         BackupMode::Full => None,
-        mode => match find_parent(&repo, mode)? {
+        mode => match find_parent(&repo, mode, &control)? {
             Ok(p) => Some(p),
             Err(why) => {
                 full_reason = Some(why);
@@ -155,7 +182,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
     let label = opts.label.clone().unwrap_or_else(|| "blockstream".to_string());
     progress.start_phase("checkpoint", 0);
     let t = Instant::now();
-    let start = session.start(&label, opts.fast, parent.as_ref().map(|p| (p.start_lsn, p.timeline)))?;
+    let start = session.start(&label, opts.fast, parent.as_ref().map(ParentRef::of))?;
     let server_secs = t.elapsed().as_secs_f64();
     let parent = match parent {
         Some(p) if start.incremental_ok => Some(p),
@@ -276,6 +303,8 @@ fn copy_and_record(
         }
     }
     let mut copy_cfg = opts.copy;
+    copy_cfg.block_size = control.block_size as usize;
+    copy_cfg.relseg_blocks = control.relseg_size;
     if opts.verify_checksums && start.data_checksums {
         copy_cfg.verify_checksums_before = Some(start.start_lsn.0);
     }
@@ -326,6 +355,14 @@ fn copy_and_record(
     let t = Instant::now();
     let stop = session.stop()?;
     server_secs += t.elapsed().as_secs_f64();
+    let label_info = BackupLabel::parse(&stop.backup_label)
+        .map_err(|e| Error::Server(format!("pg_backup_stop returned a backup_label that does not parse: {e}")))?;
+    if label_info.start_lsn != start.start_lsn {
+        return Err(Error::Server(format!(
+            "backup_label starts at {}, but pg_backup_start returned {}",
+            label_info.start_lsn, start.start_lsn
+        )));
+    }
     crate::failpoint::hit("backup-stopped");
     if stop.timeline != start.timeline {
         return Err(Error::Server(format!(
@@ -383,6 +420,8 @@ fn copy_and_record(
         timeline: start.timeline,
         start_lsn: start.start_lsn,
         stop_lsn: stop.stop_lsn,
+        checkpoint_lsn: Some(label_info.checkpoint_lsn),
+        checkpoint_crc: stop.checkpoint_crc,
         start_time,
         stop_time: timefmt::iso8601(SystemTime::now()),
         wal_segment_size: server.wal_segment_size,
@@ -434,12 +473,22 @@ fn pieces_for(i: usize, layout: &[(u64, u64)]) -> Vec<Piece> {
 
 /// The backup to build on: the latest one (incr, auto) or the latest full one
 /// (diff). The inner Err says why there is none.
-fn find_parent(repo: &Repo, mode: BackupMode) -> Result<std::result::Result<Manifest, String>> {
+fn find_parent(
+    repo: &Repo,
+    mode: BackupMode,
+    control: &pgdata::ControlFile,
+) -> Result<std::result::Result<Manifest, String>> {
     let ids = repo.backup_ids()?;
     for id in ids.iter().rev() {
         let m = repo.load_manifest(id)?;
         if mode == BackupMode::Diff && m.backup_type != BackupType::Full {
             continue;
+        }
+        if m.block_size != control.block_size || m.relseg_size != control.relseg_size {
+            return Ok(Err(format!(
+                "backup {id} has block size {} and {} blocks per segment, the cluster {} and {}",
+                m.block_size, m.relseg_size, control.block_size, control.relseg_size
+            )));
         }
         return Ok(Ok(m));
     }

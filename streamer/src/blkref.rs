@@ -19,8 +19,17 @@
 //!                    | has limit u8 | 2 zero bytes | limit block u32 | block count u32
 //!                    | encoded length u32 | blocks: ascending, first as a varint, then
 //!                      the differences as varints
+//! checkpoints:       count u32 | (LSN u64 | CRC u32) per checkpoint record
+//!                    read in the range (version 2; version 1 has none)
 //! trailer:           CRC-32C u32 of every byte before it
 //! ```
+//!
+//! The checkpoints are how a backup's parent is proven to lie in this
+//! server's WAL history: the checkpoint record a backup started from (its
+//! LSN and the record's own CRC) must appear in the summaries between the
+//! parent and the new backup. A data directory reverted to a snapshot, or
+//! two servers promoted onto one timeline, write other records at the same
+//! LSNs, and their CRCs differ.
 //!
 //! Entries are sorted by (tablespace, database, relfilenode, fork). A
 //! relfilenode of 0 stands for a whole database: every file of that database
@@ -46,7 +55,11 @@ pub const INIT_FORK: u8 = 3;
 pub const RELSEG_BLOCKS: u32 = 131_072;
 
 const MAGIC: &[u8; 4] = b"BTS1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Summaries without the checkpoint list are still read.
+const VERSION_1: u32 = 1;
+/// The tracker's state file keeps its own version.
+const STATE_VERSION: u32 = 1;
 const HEADER_LEN: usize = 64;
 const ENTRY_HEADER_LEN: usize = 28;
 pub const FLAG_GAP: u32 = 1;
@@ -177,6 +190,8 @@ pub struct Changes {
 pub struct BlockRefTable {
     entries: HashMap<RelFork, Changes>,
     memory: usize,
+    /// (LSN, CRC) of the checkpoint records read, in WAL order.
+    checkpoints: Vec<(Lsn, u32)>,
 }
 
 const ENTRY_OVERHEAD: usize = 64;
@@ -208,7 +223,19 @@ impl BlockRefTable {
 
     /// Adds another table's changes (order does not matter: blocks are a
     /// union, limits a minimum).
+    /// Records a checkpoint record read at `lsn` whose header CRC is `crc`.
+    pub fn record_checkpoint(&mut self, lsn: Lsn, crc: u32) {
+        self.checkpoints.push((lsn, crc));
+        self.memory += 12;
+    }
+
+    /// The checkpoint records read, in WAL order.
+    pub fn checkpoints(&self) -> &[(Lsn, u32)] {
+        &self.checkpoints
+    }
+
     pub fn merge(&mut self, other: &BlockRefTable) {
+        self.checkpoints.extend_from_slice(&other.checkpoints);
         for (k, c) in &other.entries {
             if let Some(l) = c.limit {
                 self.set_limit(*k, l);
@@ -244,6 +271,7 @@ impl BlockRefTable {
     }
 
     pub fn clear(&mut self) {
+        self.checkpoints.clear();
         self.entries.clear();
         self.memory = 0;
     }
@@ -359,6 +387,11 @@ pub fn encode_summary(h: &SummaryHeader, table: &BlockRefTable) -> Vec<u8> {
         out.extend_from_slice(&(enc.len() as u32).to_le_bytes());
         out.extend_from_slice(&enc);
     }
+    out.extend_from_slice(&(table.checkpoints.len() as u32).to_le_bytes());
+    for (lsn, crc) in &table.checkpoints {
+        out.extend_from_slice(&lsn.0.to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
     let crc = crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
@@ -387,8 +420,8 @@ pub fn decode_summary(bytes: &[u8], what: &dyn fmt::Display) -> Result<(SummaryH
         return Err(bad(format!("has bad magic {:02x?}, expected {:02x?}", &body[0..4], MAGIC)));
     }
     let version = u32_at(body, 4);
-    if version != VERSION {
-        return Err(bad(format!("has format version {version}, expected {VERSION}")));
+    if version != VERSION && version != VERSION_1 {
+        return Err(bad(format!("has format version {version}, expected {VERSION_1} or {VERSION}")));
     }
     let h = SummaryHeader {
         system_identifier: u64_at(body, 8),
@@ -450,6 +483,22 @@ pub fn decode_summary(bytes: &[u8], what: &dyn fmt::Display) -> Result<(SummaryH
             return Err(bad(format!("entry {i} has neither blocks nor a limit")));
         }
         pos += enc_len;
+    }
+    if version >= VERSION {
+        let Some(n) = body.get(pos..pos + 4).map(|b| u32_at(b, 0) as usize) else {
+            return Err(bad(format!("ends at byte {pos} before its checkpoint count")));
+        };
+        pos += 4;
+        if n > (body.len() - pos) / 12 {
+            return Err(bad(format!(
+                "claims {n} checkpoints, more than its {} remaining bytes hold",
+                body.len() - pos
+            )));
+        }
+        for _ in 0..n {
+            table.record_checkpoint(Lsn(u64_at(body, pos)), u32_at(body, pos + 8));
+            pos += 12;
+        }
     }
     if pos != body.len() {
         return Err(bad(format!("has {} bytes after its {count} entries", body.len() - pos)));
@@ -550,7 +599,7 @@ impl TrackerState {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(STATE_LEN);
         b.extend_from_slice(STATE_MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&STATE_VERSION.to_le_bytes());
         b.extend_from_slice(&self.system_identifier.to_le_bytes());
         b.extend_from_slice(&self.timeline.to_le_bytes());
         b.extend_from_slice(&self.resume_lsn.0.to_le_bytes());
@@ -569,9 +618,9 @@ impl TrackerState {
         if stored != found {
             return Err(bad(format!("has checksum 0x{found:08x}, expected 0x{stored:08x}")));
         }
-        if &b[0..4] != STATE_MAGIC || u32_at(b, 4) != VERSION {
+        if &b[0..4] != STATE_MAGIC || u32_at(b, 4) != STATE_VERSION {
             return Err(bad(format!(
-                "has magic {:02x?} version {}, expected {:02x?} version {VERSION}",
+                "has magic {:02x?} version {}, expected {:02x?} version {STATE_VERSION}",
                 &b[0..4],
                 u32_at(b, 4),
                 STATE_MAGIC
@@ -634,11 +683,13 @@ mod tests {
         t.set_limit(key(16390), 40); // a higher limit does not raise it
         t.mark_block(RelFork { fork: VM_FORK, ..key(16384) }, 0);
         t.mark_database(1663, 16400);
+        t.record_checkpoint(Lsn(0x1000), 0xDEAD_BEEF);
         let h = SummaryHeader { system_identifier: 7, timeline: 1, gap: false, start: Lsn(0x100), end: Lsn(0x2000) };
         let bytes = encode_summary(&h, &t);
         let (h2, t2) = decode_summary(&bytes, &"s").unwrap();
         assert_eq!((h2, &t2), (h, &t));
         assert_eq!(t2.get(&key(16390)).unwrap().limit, Some(12));
+        assert_eq!(t2.checkpoints(), &[(Lsn(0x1000), 0xDEAD_BEEF)]);
         for i in [0, 30, HEADER_LEN + 5, bytes.len() - 6] {
             let mut bad = bytes.clone();
             bad[i] ^= 0x10;

@@ -7,6 +7,8 @@
 //! result is reduced to 1..=65535. `pd_checksum` counts as zero while the sum
 //! is computed.
 
+/// PostgreSQL's default block size; the algorithm works on any page whose
+/// size is a multiple of 128 bytes (1 kB to 32 kB pages are).
 pub const BLCKSZ: usize = 8192;
 const N_SUMS: usize = 32;
 const FNV_PRIME: u32 = 16_777_619;
@@ -24,8 +26,9 @@ fn comp(sum: u32, value: u32) -> u32 {
     tmp.wrapping_mul(FNV_PRIME) ^ (tmp >> 17)
 }
 
-/// The checksum PostgreSQL stores in `pd_checksum` for `page` at absolute block `blkno`.
-pub fn page_checksum(page: &[u8; BLCKSZ], blkno: u32) -> u16 {
+/// The checksum PostgreSQL stores in `pd_checksum` for `page` (one block of
+/// the cluster's block size) at absolute block `blkno`.
+pub fn page_checksum(page: &[u8], blkno: u32) -> u16 {
     let mut sums = BASE_OFFSETS;
     for (row, chunk) in page.chunks_exact(4 * N_SUMS).enumerate() {
         for (j, sum) in sums.iter_mut().enumerate() {

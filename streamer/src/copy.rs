@@ -18,6 +18,7 @@ use crossbeam_channel::{bounded, Receiver};
 
 use crate::blkref::RELSEG_BLOCKS;
 use crate::checksum::{self, BLCKSZ};
+
 use crate::codec::{Compression, Compressor};
 use crate::error::{Error, Result};
 use crate::guard::GuardedMap;
@@ -46,6 +47,10 @@ pub struct CopyConfig {
     /// Check the page checksums of relation files, with pg_basebackup's rules
     /// for a backup that started at this LSN.
     pub verify_checksums_before: Option<u64>,
+    /// The cluster's block size and blocks per segment (from pg_control),
+    /// for page checksums.
+    pub block_size: usize,
+    pub relseg_blocks: u32,
 }
 
 impl Default for CopyConfig {
@@ -56,6 +61,8 @@ impl Default for CopyConfig {
             piece_size: 1 << 20,
             max_rate: None,
             verify_checksums_before: None,
+            block_size: BLCKSZ,
+            relseg_blocks: RELSEG_BLOCKS,
         }
     }
 }
@@ -204,7 +211,7 @@ fn stream_worker(
         drop(map);
         if let Some(start) = cfg.verify_checksums_before {
             let t = Instant::now();
-            check_pages(file, src, piece, data, start, &mut out);
+            check_pages(file, src, piece, data, start, cfg, &mut out);
             out.checksum_secs += t.elapsed().as_secs_f64();
         }
         out.digests.push((piece.file, piece.index, sha256(data)));
@@ -231,22 +238,31 @@ fn stream_worker(
 /// does: pages that are new or changed since the backup started are skipped,
 /// a mismatch is read again once (straight from the file: the page may have
 /// been half written), and a second mismatch is a failure.
-fn check_pages(file: &File, src: &SourceFile, piece: Piece, data: &[u8], start: u64, out: &mut CopyOutcome) {
+fn check_pages(
+    file: &File,
+    src: &SourceFile,
+    piece: Piece,
+    data: &[u8],
+    start: u64,
+    cfg: &CopyConfig,
+    out: &mut CopyOutcome,
+) {
     use std::os::unix::fs::FileExt;
     let Some(segno) = checksum::segment_of_checksummed_file(&src.rel) else { return };
-    let first = segno as u64 * RELSEG_BLOCKS as u64 + piece.offset / BLCKSZ as u64;
-    for (k, page) in data.chunks_exact(BLCKSZ).enumerate() {
+    let bs = cfg.block_size;
+    let first = segno as u64 * cfg.relseg_blocks as u64 + piece.offset / bs as u64;
+    let mut again = vec![0u8; bs];
+    for (k, page) in data.chunks_exact(bs).enumerate() {
         if !checksum::worth_checking(page, start) {
             continue;
         }
         out.pages_checked += 1;
         let blkno = (first + k as u64) as u32;
         let stored = checksum::header(page).checksum;
-        if checksum::page_checksum(page.try_into().unwrap(), blkno) == stored {
+        if checksum::page_checksum(page, blkno) == stored {
             continue;
         }
-        let mut again = [0u8; BLCKSZ];
-        if file.read_exact_at(&mut again, piece.offset + (k * BLCKSZ) as u64).is_err() {
+        if file.read_exact_at(&mut again, piece.offset + (k * bs) as u64).is_err() {
             continue; // truncated meanwhile: WAL replay takes care of it
         }
         if !checksum::worth_checking(&again, start) {

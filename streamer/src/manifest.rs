@@ -56,6 +56,13 @@ pub struct Manifest {
     pub timeline: u32,
     pub start_lsn: Lsn,
     pub stop_lsn: Lsn,
+    /// The checkpoint record the backup starts from (backup_label's
+    /// CHECKPOINT LOCATION) and its CRC: what proves to a later server that
+    /// this backup lies in its WAL history (see [`crate::blkref`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_lsn: Option<Lsn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_crc: Option<u32>,
     pub start_time: String,
     pub stop_time: String,
     pub wal_segment_size: u64,
@@ -564,6 +571,8 @@ pub(crate) mod tests {
             timeline: 1,
             start_lsn: Lsn(0x2000028),
             stop_lsn: Lsn(0x2000138),
+            checkpoint_lsn: Some(Lsn(0x2000060)),
+            checkpoint_crc: Some(0x1234_5678),
             start_time: "2026-11-27T03:15:00Z".into(),
             stop_time: "2026-11-27T03:15:09Z".into(),
             wal_segment_size: 16 << 20,

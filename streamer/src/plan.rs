@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 
-use crate::blkref::RELSEG_BLOCKS;
 use crate::manifest::{Incremental, Manifest};
 use crate::pgdata::SourceFile;
 
@@ -90,14 +89,19 @@ pub struct Planner<'a> {
     parent: HashMap<&'a str, u64>,
     changes: &'a ChangeSet,
     block_size: u64,
+    /// Blocks per relation segment file of the cluster (RELSEG_SIZE).
+    relseg_blocks: u64,
 }
 
 impl<'a> Planner<'a> {
+    /// A planner for a backup of a cluster whose block size and segment size
+    /// are the parent's (the caller checks that they are).
     pub fn new(parent: &'a Manifest, changes: &'a ChangeSet) -> Planner<'a> {
         Planner {
             parent: parent.files.iter().filter(|f| !f.vanished).map(|f| (f.path.as_str(), f.size)).collect(),
             changes,
             block_size: parent.block_size as u64,
+            relseg_blocks: parent.relseg_size as u64,
         }
     }
 
@@ -109,7 +113,7 @@ impl<'a> Planner<'a> {
         if self.changes.whole_dirs.iter().any(|d| f.rel.starts_with(d.as_str())) {
             return FileCopy::Whole;
         }
-        let seg_start = segno as u64 * RELSEG_BLOCKS as u64;
+        let seg_start = segno as u64 * self.relseg_blocks;
         let limit = self.changes.limits.get(relation_base(&f.rel)).copied();
         if limit.is_some_and(|l| l as u64 <= seg_start) {
             return FileCopy::Whole;
@@ -153,6 +157,8 @@ mod tests {
     fn file(rel: &str, blocks: u64) -> SourceFile {
         SourceFile { rel: rel.into(), abs: rel.into(), size: blocks * 8192, mode: 0o600, uid: 0, gid: 0, mtime: 0 }
     }
+
+    use crate::blkref::RELSEG_BLOCKS;
 
     fn parent_with(paths: &[&str]) -> Manifest {
         let mut m = sample();
@@ -238,5 +244,39 @@ mod tests {
         // Mostly changed: cheaper whole.
         let cs = ChangeSet::new(vec![seg("base/5/100", 100, 0, None, (0..95).collect())]);
         assert_eq!(Planner::new(&parent, &cs).plan(&file("base/5/100", 100)), FileCopy::Whole);
+    }
+
+    /// A server built --with-segsize: segments of 1024 blocks, as pg_control
+    /// and the parent's manifest say; limits count from the segment's start.
+    #[test]
+    fn segment_size_comes_from_the_cluster() {
+        let mut parent = parent_with(&["base/5/700", "base/5/700.1", "base/5/700.2"]);
+        parent.relseg_size = 1024;
+        let row = |segno: u32, limit: Option<u32>, blocks: Vec<u32>| ChangedSegment {
+            full_copy: limit.is_some_and(|l| l <= segno * 1024),
+            ..seg(
+                &if segno == 0 { "base/5/700".to_string() } else { format!("base/5/700.{segno}") },
+                700,
+                segno,
+                limit,
+                blocks,
+            )
+        };
+        let cs = ChangeSet::new(vec![
+            row(0, Some(1500), vec![7]),
+            row(1, Some(1500), vec![3, 600]),
+            row(2, Some(1500), vec![]),
+        ]);
+        let p = Planner::new(&parent, &cs);
+        assert_eq!(
+            p.plan(&file("base/5/700", 1024)),
+            FileCopy::Blocks(Incremental { limit_block: 1024, runs: vec![(7, 1)] })
+        );
+        // Segment 1 starts at block 1024: the limit 1500 is its block 476.
+        assert_eq!(
+            p.plan(&file("base/5/700.1", 1024)),
+            FileCopy::Blocks(Incremental { limit_block: 476, runs: vec![(3, 1), (476, 548)] })
+        );
+        assert_eq!(p.plan(&file("base/5/700.2", 10)), FileCopy::Whole, "past the limit");
     }
 }

@@ -425,16 +425,16 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
                 let (file, piece) = index.locate(rec, i, &name)?;
                 st.digests.push((rec.file, piece, sha256(rec.data)));
                 if let Some(segno) = checksummed[rec.file as usize] {
-                    use crate::checksum::{header, page_checksum, worth_checking, BLCKSZ};
-                    let first = segno as u64 * crate::blkref::RELSEG_BLOCKS as u64 + rec.offset / BLCKSZ as u64;
-                    for (k, page) in rec.data.chunks_exact(BLCKSZ).enumerate() {
+                    use crate::checksum::{header, page_checksum, worth_checking};
+                    let bs = m.block_size as usize;
+                    let first = segno as u64 * m.relseg_size as u64 + rec.offset / bs as u64;
+                    for (k, page) in rec.data.chunks_exact(bs).enumerate() {
                         if !worth_checking(page, m.start_lsn.0) {
                             continue;
                         }
                         st.pages += 1;
                         let blkno = (first + k as u64) as u32;
-                        let (stored, computed) =
-                            (header(page).checksum, page_checksum(page.try_into().unwrap(), blkno));
+                        let (stored, computed) = (header(page).checksum, page_checksum(page, blkno));
                         let known = m.checksum_failures.iter().any(|c| c.path == file.path && c.block == blkno);
                         if stored != computed && !known {
                             st.problems.push(Problem {

@@ -298,6 +298,8 @@ fn sample_manifest() -> Manifest {
         timeline: 1,
         start_lsn: Lsn(0x3000028),
         stop_lsn: Lsn(0x3000138),
+        checkpoint_lsn: Some(Lsn(0x3000060)),
+        checkpoint_crc: Some(0x1234_5678),
         start_time: "2026-11-27T03:15:00Z".into(),
         stop_time: "2026-11-27T03:15:09Z".into(),
         wal_segment_size: 16 << 20,

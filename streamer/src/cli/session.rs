@@ -2,7 +2,7 @@
 //! makes them, and [`BackupSession`] on top of the extension's
 //! `blocktrack.backup_start` / `backup_stop`.
 
-use blockstream::backup::{BackupSession, ServerInfo, StartInfo, StopInfo};
+use blockstream::backup::{BackupSession, ParentRef, ServerInfo, StartInfo, StopInfo};
 use blockstream::lsn::Lsn;
 use blockstream::plan::ChangedSegment;
 use blockstream::{Error, Result};
@@ -133,17 +133,31 @@ impl BackupSession for PgSession {
         })
     }
 
-    fn start(&mut self, label: &str, fast: bool, parent: Option<(Lsn, u32)>) -> Result<StartInfo> {
+    fn start(&mut self, label: &str, fast: bool, parent: Option<ParentRef>) -> Result<StartInfo> {
         let target = self.target.clone();
-        let parent_lsn = parent.map(|(l, _)| l.to_string());
-        let parent_tli = parent.map(|(_, t)| t.to_string());
+        let text = |f: &dyn Fn(&ParentRef) -> Option<String>| parent.as_ref().and_then(f);
+        let parent_lsn = text(&|p| Some(p.start_lsn.to_string()));
+        let parent_tli = text(&|p| Some(p.timeline.to_string()));
+        let parent_stop = text(&|p| Some(p.stop_lsn.to_string()));
+        let parent_ckpt = text(&|p| p.checkpoint.map(|(l, _)| l.to_string()));
+        let parent_crc = text(&|p| p.checkpoint.map(|(_, c)| c.to_string()));
         let what = "blocktrack.backup_start";
         let row = one_row(
             self.client
                 .query(
                     "SELECT start_lsn::text, start_tli, system_identifier::text, data_checksums, incremental_ok, reason \
-                     FROM blocktrack.backup_start($1, $2::bool, $3::text::pg_lsn, $4::int4)",
-                    &[Some(label), Some(if fast { "t" } else { "f" }), parent_lsn.as_deref(), parent_tli.as_deref()],
+                     FROM blocktrack.backup_start($1, $2::bool, $3::text::pg_lsn, $4::int4, \
+                          parent_stop_lsn => $5::text::pg_lsn, parent_checkpoint_lsn => $6::text::pg_lsn, \
+                          parent_checkpoint_crc => $7::int8)",
+                    &[
+                        Some(label),
+                        Some(if fast { "t" } else { "f" }),
+                        parent_lsn.as_deref(),
+                        parent_tli.as_deref(),
+                        parent_stop.as_deref(),
+                        parent_ckpt.as_deref(),
+                        parent_crc.as_deref(),
+                    ],
                 )
                 .map_err(server_err(what, &target))?,
             what,
@@ -202,7 +216,11 @@ impl BackupSession for PgSession {
         let what = "blocktrack.backup_stop";
         let row = one_row(
             self.client
-                .query("SELECT stop_lsn::text, stop_tli, labelfile, spcmapfile FROM blocktrack.backup_stop(false)", &[])
+                .query(
+                    "SELECT stop_lsn::text, stop_tli, labelfile, spcmapfile, checkpoint_crc \
+                     FROM blocktrack.backup_stop(false)",
+                    &[],
+                )
                 .map_err(server_err(what, &target))?,
             what,
         )?;
@@ -211,6 +229,7 @@ impl BackupSession for PgSession {
             timeline: field(&row, 1, what)?,
             backup_label: row.get(2).cloned().flatten().unwrap_or_default(),
             tablespace_map: row.get(3).cloned().flatten().unwrap_or_default(),
+            checkpoint_crc: row.get(4).cloned().flatten().and_then(|v| v.parse().ok()),
         })
     }
 }

@@ -73,7 +73,7 @@ fn timeout_ms(ms: i32) -> Duration {
 /// not: the changes since it must be known, and it must lie in this
 /// server's WAL history.
 #[pg_extern(volatile, parallel_unsafe)]
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)] // one argument per SQL parameter
 fn backup_start(
     label: Option<&str>,
     fast: default!(Option<bool>, true),

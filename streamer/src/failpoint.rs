@@ -10,7 +10,8 @@
 //! (every data file is in the streams, pg_control not yet), `wal-chunk` (a
 //! chunk of WAL was just written), `backup-stopped` (right after
 //! `pg_backup_stop`), `durable-write` (a temporary file is written but not
-//! yet renamed: the manifest, say), `manifest-renamed`, `restore-record` (a
+//! yet renamed; `durable-write:manifest.json` for the manifest),
+//! `manifest-renamed`, `restore-record` (a
 //! restored record was just written), `restore-written` (every file is
 //! written, pg_control not yet).
 
@@ -35,8 +36,19 @@ pub fn arm_from_env() {
 /// Kills the process here if this failpoint is armed and due.
 #[inline]
 pub fn hit(name: &str) {
+    hit_named(name, "");
+}
+
+/// Like [`hit`], for a place reached for several files: armed as
+/// `place` (any file) or `place:file`.
+#[inline]
+pub fn hit_named(place: &str, file: &str) {
     let Some((armed, nth)) = ARMED.get() else { return };
-    if armed == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+    let matches = match armed.split_once(':') {
+        Some((p, f)) => p == place && f == file,
+        None => armed == place,
+    };
+    if matches && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
         // SAFETY: sending SIGKILL to ourselves; nothing runs after it.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

@@ -45,6 +45,8 @@ pub mod repo;
 pub mod restore;
 pub mod safe_fs;
 pub mod stream;
+#[doc(hidden)]
+pub mod testing;
 pub mod timefmt;
 pub mod verify;
 

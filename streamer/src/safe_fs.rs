@@ -239,7 +239,7 @@ pub fn write_durably(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<
         .map_err(Error::io("create", &tmp))?;
     set_mode(&f, &tmp, mode)?;
     f.write_all(bytes).map_err(Error::io("write", &tmp))?;
-    crate::failpoint::hit("durable-write");
+    crate::failpoint::hit_named("durable-write", name);
     f.sync_all().map_err(Error::io("fsync", &tmp))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(Error::io("rename into place", &path))?;

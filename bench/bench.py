@@ -73,7 +73,20 @@ def du(path):
     return total
 
 
-def psql(port, sql, db="postgres"):
+def wait_promoted(port, what, timeout=600):
+    """Waits until the server on `port` has left recovery; exits with a message after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while psql(port, "SELECT pg_is_in_recovery()", check=False) != "f":
+        if time.time() > deadline:
+            sys.exit(f"bench: {what} still in recovery after {timeout} s")
+        time.sleep(0.05)
+
+
+def psql(port, sql, db="postgres", check=True):
+    if not check:
+        r = subprocess.run([PG_BIN / "psql", "-h", "/tmp", "-p", str(port), "-U", "postgres", "-d", db, "-XAtq", "-c", sql],
+                           capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
     return sh([PG_BIN / "psql", "-h", "/tmp", "-p", port, "-U", "postgres", "-d", db, "-XAtq", "-c", sql],
               capture=True).strip()
 
@@ -197,8 +210,7 @@ pg1-socket-path=/tmp
                 t = time.monotonic()
                 sh([PG_BIN / "pg_ctl", "-D", target, "-l", BASE / f"restored-{tool}.log", "-o",
                     f"-p {RPORT} -c archive_mode=off", "-w", "-t", "600", "start"], user="postgres")
-                while psql(RPORT, "SELECT pg_is_in_recovery()") != "f":
-                    time.sleep(0.05)
+                wait_promoted(RPORT, f"restore by {tool}")
                 recovery = time.monotonic() - t
                 count = psql(RPORT, "SELECT count(*) FROM pgbench_accounts")
                 assert int(count) == a.scale * 100000, f"{tool} restore holds {count} accounts"
@@ -267,8 +279,7 @@ pg1-socket-path=/tmp
         t = time.monotonic()
         sh([PG_BIN / "pg_ctl", "-D", target, "-l", BASE / f"restored-{tool}.log", "-o",
             f"-p {RPORT} -c archive_mode=off", "-w", "-t", "600", "start"], user="postgres")
-        while psql(RPORT, "SELECT pg_is_in_recovery()") != "f":
-            time.sleep(0.05)
+        wait_promoted(RPORT, "restored chain")
         total = secs + time.monotonic() - t
         self.stop(target)
         return secs, total

@@ -287,3 +287,27 @@ fn flush(
     chunk.reset();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that shrank between the scan and the copy: the pieces past its
+    /// new end are stored as zeros and the file is flagged truncated.
+    #[test]
+    fn pieces_past_a_new_end_are_zeros_and_flagged() {
+        let dir = std::env::temp_dir().join(format!("bs-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let abs = dir.join("16384");
+        std::fs::write(&abs, vec![7u8; 8192]).unwrap();
+        let src = SourceFile { rel: "base/5/16384".into(), abs, size: 4 << 20, mode: 0o600, uid: 0, gid: 0, mtime: 0 };
+        let pieces: Vec<Piece> =
+            (0..4).map(|i| Piece { file: 0, index: i, offset: i as u64 * (1 << 20), len: 1 << 20 }).collect();
+        let mut writers = vec![StreamWriter::create(&dir, 0, "20261127T031500F").unwrap()];
+        let out = copy_pieces(&[src], pieces, &mut writers, &CopyConfig::default(), &Progress::default()).unwrap();
+        assert_eq!(out.truncated.iter().filter(|&&f| f == 0).count(), 4, "{:?}", out.truncated);
+        assert_eq!(out.digests.len(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

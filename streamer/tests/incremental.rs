@@ -100,9 +100,35 @@ fn chain_of_incrementals_and_a_differential_restores_every_point() {
     assert_eq!(points[2].2["parent"], ids[1]);
     assert_eq!(points[3].2["parent"], ids[0]);
     assert_eq!(points[4].2["parent"], ids[3]);
-    // Incrementals store a fraction of the blocks.
+    // Incrementals store a fraction of the blocks, by the tool's count and
+    // on disk: every stream file of each incremental is far smaller than the full's.
     let share = points[1].2["changed_share"].as_f64().unwrap();
     assert!(share > 0.0 && share < 0.5, "changed share {share}");
+    let on_disk = |id: &str| -> u64 {
+        std::fs::read_dir(repo.join("backups").join(id))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    };
+    let full_bytes = on_disk(ids[0]);
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        let bytes = on_disk(id);
+        assert_eq!(bytes, points[i].2["stats"]["bytes_written"].as_u64().unwrap(), "backup {i}: bytes written");
+        // The differential copies the new database whole; the others are small.
+        let limit = if i == 3 { full_bytes } else { full_bytes / 2 };
+        assert!(bytes < limit, "backup {i} ({id}) stores {bytes} bytes, the full {full_bytes}");
+    }
+    // A table dropped since the parent is absent from the next manifest.
+    let dropped = points[0].2["backup_id"].as_str().unwrap();
+    let dropped_paths: Vec<String> = load_manifest(&repo, dropped)
+        .files
+        .iter()
+        .map(|f| f.path.clone())
+        .filter(|p| p.starts_with("base/") && !load_manifest(&repo, ids[2]).files.iter().any(|f| &f.path == p))
+        .collect();
+    assert!(!dropped_paths.is_empty(), "the dropped table's files are in the manifest after DROP");
     bs_ok(&["verify", "--repo", repo.to_str().unwrap()]);
 
     for (i, (id, dump, _)) in points.iter().enumerate() {
@@ -151,6 +177,16 @@ fn chain_under_load_restores_every_point() {
         assert!(out.status.success(), "{kind} backup failed: {}", String::from_utf8_lossy(&out.stderr));
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(summary["type"], kind);
+        // pgbench committed transactions between the backup's start and its stop.
+        let during = src.sql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pgbench_history WHERE mtime BETWEEN '{}'::timestamptz AND '{}'::timestamptz",
+                summary["start_time"].as_str().unwrap(),
+                summary["stop_time"].as_str().unwrap()
+            ),
+        );
+        assert!(during.parse::<u64>().unwrap() > 50, "{kind}: only {during} transactions during the copy");
         points.push((summary["backup_id"].as_str().unwrap().to_string(), src.dumpall()));
     }
     for (i, (id, dump)) in points.iter().enumerate() {
@@ -228,4 +264,76 @@ fn gap_forces_full_and_missing_parent_is_named() {
     let (code, out, _) = bs(&["verify", "--repo", repo.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(out.contains(&parent), "{out}");
+
+    // A damaged (not missing) parent: its manifest, then one of its chunks.
+    std::fs::rename(base.join("parent-moved"), repo.join("backups").join(&parent)).unwrap();
+    let manifest = repo.join("backups").join(&parent).join("manifest.json");
+    let pristine = std::fs::read(&manifest).unwrap();
+    let mut bad = pristine.clone();
+    bad[pristine.len() / 3] ^= 0x01;
+    std::fs::write(&manifest, &bad).unwrap();
+    let (code, _, err) = bs(&["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("builds on backup {parent}, which cannot be used")) && err.contains("is damaged"),
+        "{err}"
+    );
+    std::fs::write(&manifest, &pristine).unwrap();
+    let m = load_manifest(&repo, &parent);
+    let stream = repo.join("backups").join(&parent).join("stream-00.bsz");
+    let pristine = std::fs::read(&stream).unwrap();
+    let mut bad = pristine.clone();
+    bad[(m.streams[0].chunks[0].offset + 5) as usize] ^= 0x01;
+    std::fs::write(&stream, &bad).unwrap();
+    let (code, _, err) = bs(&["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("chunk 0 of stream-00.bsz in backup {parent} is damaged")), "{err}");
+    assert!(!target.exists(), "a restore from a damaged parent wrote its target");
+    std::fs::write(&stream, &pristine).unwrap();
+}
+
+/// A data directory put back from a copy writes other WAL at LSNs an
+/// incremental of the abandoned history covered: the next incremental must
+/// not build on that backup. It falls back to full, naming the reason, and
+/// its restore holds the new history's change and not the abandoned one's.
+#[test]
+fn parent_from_an_abandoned_history_is_refused() {
+    let base = scratch("history");
+    let src = source(&base);
+    src.sql("postgres", "CREATE TABLE rows (id int PRIMARY KEY, v text); INSERT INTO rows SELECT g, 'original' FROM generate_series(1, 1000) g");
+    let repo = base.join("repo");
+    backup(&src, &repo, &[]);
+    src.stop();
+    let snapshot = base.join("snapshot");
+    copy_tree(&src.data, &snapshot);
+    src.start();
+    src.sql("postgres", "UPDATE rows SET v = 'abandoned history' WHERE id = 1");
+    let i1 = backup(&src, &repo, &["--type", "incr", "--no-fallback"]);
+    let i1_stop = i1["stop_lsn"].as_str().unwrap().to_string();
+    // The data directory is put back: state, summaries and slot come back with it.
+    src.stop();
+    std::fs::remove_dir_all(&src.data).unwrap();
+    copy_tree(&snapshot, &src.data);
+    src.start();
+    src.sql("postgres", "UPDATE rows SET v = 'new history' WHERE id = 2");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    // Past the abandoned incremental's whole range, so only its checkpoint can tell.
+    while src.sql("postgres", &format!("SELECT pg_current_wal_lsn() > '{i1_stop}'")) != "t" {
+        assert!(std::time::Instant::now() < until, "WAL never passed the abandoned incremental's stop");
+        src.sql("postgres", "CREATE TABLE IF NOT EXISTS filler (v text); INSERT INTO filler SELECT repeat('f', 500) FROM generate_series(1, 2000); SELECT pg_switch_wal();");
+    }
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), src.data.display().to_string()];
+    args.extend(src.conn());
+    args.extend(["--repo", repo.to_str().unwrap(), "--type", "incr", "--output", "json"].map(String::from));
+    let (code, out, err) = bs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let next: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_ne!(next["parent"], i1["backup_id"], "the next incremental built on a backup of the abandoned history");
+    assert_eq!(next["type"], "full", "{next}");
+    let reason = next["full_reason"].as_str().unwrap();
+    assert!(reason.contains(i1["backup_id"].as_str().unwrap()) && reason.contains("comes from another"), "{reason}");
+    let expected = src.dumpall();
+    let restored = restore_and_start("restored", &repo, &base, 2, &[]);
+    assert_same_dump(&expected, &restored.dumpall(), "restore after the history changed");
+    assert_eq!(restored.sql("postgres", "SELECT v FROM rows WHERE id IN (1, 2) ORDER BY id"), "original\nnew history");
 }

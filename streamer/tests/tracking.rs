@@ -401,3 +401,257 @@ fn invalidated_slot_is_a_gap() {
     let gaps = c.sql("postgres", "SELECT count(*) FROM blocktrack.summaries() WHERE is_gap");
     assert_eq!(gaps, "1", "the lost range shows as a gap summary");
 }
+
+/// Waits until the server answers again (after a crash restart) and the
+/// summarizer runs.
+fn wait_for_summarizer(c: &Cluster) {
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(pid) = c.try_sql("postgres", "SELECT worker_pid FROM blocktrack.status()") {
+            if !pid.is_empty() {
+                return;
+            }
+        }
+        assert!(std::time::Instant::now() < until, "the summarizer did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// kill -9 of the summarizer, again and again under pgbench (the postmaster
+/// restarts everything each time): no block WAL references is lost, and no
+/// gap appears.
+#[test]
+fn summarizer_killed_in_a_loop_loses_no_block() {
+    let c = tracked_cluster("killworker", "");
+    c.pgbench_init(3);
+    let a = flush(&c);
+    for round in 0..4 {
+        let mut pgbench = c.pgbench(&["-n", "-c", "2", "-T", "30"]);
+        std::thread::sleep(Duration::from_millis(1500 + 400 * round));
+        let pid: i32 = c.sql("postgres", "SELECT worker_pid FROM blocktrack.status()").parse().unwrap();
+        // SAFETY: killing the summarizer process of this test's own cluster.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let _ = pgbench.wait();
+        wait_for_summarizer(&c);
+        let new_pid: i32 = c.sql("postgres", "SELECT worker_pid FROM blocktrack.status()").parse().unwrap();
+        assert_ne!(new_pid, pid, "round {round}: the summarizer was not restarted");
+    }
+    run_ok(
+        std::process::Command::new(pg_bin("pgbench")).args(c.conn()).args(["-n", "-c", "2", "-t", "200", "postgres"]),
+    );
+    let b = flush(&c);
+    let valid = c.sql("postgres", &format!("SELECT valid_since_lsn <= '{a}' FROM blocktrack.status()"));
+    assert_eq!(valid, "t", "a killed summarizer made a gap");
+    let reported = reported_blocks(&changed(&c, &a, &b));
+    let wal = wal_blocks(&c, &a, &b);
+    assert!(wal.len() > 500, "only {} blocks changed", wal.len());
+    let missing: Vec<_> = wal.difference(&reported).take(5).collect();
+    assert!(missing.is_empty(), "blocks lost across the kills, e.g. {missing:?}");
+}
+
+/// A summary file damaged on disk (a flipped bit, a cut, removal) is never
+/// read as "no changes": changed_blocks refuses the range with the reason
+/// and an incremental backup on a parent before it is not possible.
+#[test]
+fn damaged_summaries_are_gaps_never_no_changes() {
+    let c = tracked_cluster("damagedsummary", "");
+    c.sql("postgres", "CREATE TABLE t AS SELECT g, repeat('x', 100) AS v FROM generate_series(1, 20000) g");
+    let a = flush(&c);
+    c.sql("postgres", "UPDATE t SET v = 'y' WHERE g % 10 = 0");
+    let b = flush(&c);
+    assert!(!changed(&c, &a, &b).is_empty());
+    let dir = c.data.join("pg_blocktrack/summaries");
+    let file = c.sql(
+        "postgres",
+        &format!("SELECT start_lsn::text || ' ' || end_lsn::text FROM blocktrack.summaries() WHERE end_lsn > '{a}' AND start_lsn < '{b}' ORDER BY bytes DESC LIMIT 1"),
+    );
+    let (s, e) = file.split_once(' ').unwrap();
+    let lsn = |t: &str| {
+        let (hi, lo) = t.split_once('/').unwrap();
+        u64::from_str_radix(hi, 16).unwrap() << 32 | u64::from_str_radix(lo, 16).unwrap()
+    };
+    let path = dir.join(format!("{:08X}{:016X}{:016X}.bts", 1, lsn(s), lsn(e)));
+    let pristine = std::fs::read(&path).unwrap();
+    let query = format!("SELECT count(*) FROM blocktrack.changed_blocks('{a}', '{b}')");
+    let mut flipped = pristine.clone();
+    flipped[pristine.len() / 2] ^= 0x04;
+    for (what, bytes, needle) in [
+        ("a flipped bit", Some(flipped), "has checksum"),
+        ("a cut", Some(pristine[..pristine.len() - 9].to_vec()), "checksum"),
+        ("removal", None, "summar"),
+    ] {
+        match &bytes {
+            Some(b) => std::fs::write(&path, b).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+        let err = c.try_sql("postgres", &query).unwrap_err();
+        assert!(err.contains("are not known") && err.contains(needle), "{what}: {err}");
+        let row = c.sql(
+            "postgres",
+            &format!("SELECT incremental_ok, reason FROM blocktrack.backup_start('damaged', true, '{a}', 1)"),
+        );
+        assert!(row.starts_with("f|"), "{what}: {row}");
+        std::fs::write(&path, &pristine).unwrap();
+        chown_postgres(&path);
+    }
+    assert!(!changed(&c, &a, &b).is_empty(), "the repaired summary reads again");
+}
+
+/// Each other cause of a gap: tracking state of another system, a timeline
+/// switch, state ahead of WAL, and tracking turned off around wal_level
+/// minimal. Each moves the start of the unbroken range past the old parent.
+#[test]
+fn every_gap_cause_moves_the_unbroken_range() {
+    let c = tracked_cluster("gapcauses", "");
+    c.sql("postgres", "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    let valid = |c: &Cluster| c.sql("postgres", "SELECT valid_since_lsn::text FROM blocktrack.status()");
+    let after = |c: &Cluster, lsn: &str| -> bool {
+        c.sql("postgres", &format!("SELECT valid_since_lsn > '{lsn}' FROM blocktrack.status()")) == "t"
+    };
+
+    // Another system's tracking state (a pg_blocktrack directory copied in).
+    let a = flush(&c);
+    let other = Cluster::init("other", c.data.parent().unwrap());
+    other.start();
+    other.sql("postgres", "SELECT 1");
+    std::thread::sleep(Duration::from_secs(1));
+    other.stop();
+    c.stop();
+    std::fs::copy(other.data.join("pg_blocktrack/state"), c.data.join("pg_blocktrack/state")).unwrap();
+    c.start();
+    wait_for_summarizer(&c);
+    assert!(after(&c, &a), "another system's state: valid since {}", valid(&c));
+    let log = std::fs::read_to_string(&c.log).unwrap();
+    assert!(log.contains("the tracking state belongs to system"), "{log}");
+
+    // A timeline switch: archive recovery to the end of WAL promotes onto timeline 2.
+    let a = flush(&c);
+    c.stop();
+    std::fs::write(c.data.join("recovery.signal"), "").unwrap();
+    chown_postgres(&c.data.join("recovery.signal"));
+    c.append_conf("restore_command = 'false'");
+    c.start();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while c.try_sql("postgres", "SELECT pg_is_in_recovery()").as_deref() != Ok("f") {
+        assert!(std::time::Instant::now() < until, "no promotion");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for_summarizer(&c);
+    let tl = c.sql("postgres", "SELECT timeline FROM blocktrack.status()");
+    assert_eq!(tl, "2");
+    assert!(after(&c, &a), "timeline switch: valid since {}", valid(&c));
+    let row =
+        c.sql("postgres", &format!("SELECT incremental_ok, reason FROM blocktrack.backup_start('tl', true, '{a}', 1)"));
+    assert!(row.starts_with("f|the parent backup is on timeline 1, the server on 2"), "{row}");
+
+    // State ahead of WAL: the data directory goes back to a copy, the tracking state does not.
+    c.stop();
+    let copy = c.data.parent().unwrap().join("reverted");
+    copy_tree(&c.data, &copy);
+    c.start();
+    c.sql("postgres", "INSERT INTO t SELECT g FROM generate_series(1, 200000) g");
+    let ahead = flush(&c);
+    c.stop();
+    std::fs::remove_dir_all(copy.join("pg_blocktrack")).unwrap();
+    copy_tree(&c.data.join("pg_blocktrack"), &copy.join("pg_blocktrack"));
+    let reverted = Cluster::restored("reverted", &copy, c.data.parent().unwrap());
+    reverted.start();
+    wait_for_summarizer(&reverted);
+    let v = reverted.sql(
+        "postgres",
+        &format!(
+            "SELECT valid_since_lsn >= '{ahead}' AND valid_since_lsn > pg_current_wal_lsn() FROM blocktrack.status()"
+        ),
+    );
+    assert_eq!(v, "t", "state ahead of WAL: the valid range must start past the old resume point");
+    reverted.stop();
+    c.start();
+
+    // Tracking off, wal_level minimal and back: a gap over what was not tracked.
+    let a = flush(&c);
+    c.sql("postgres", "ALTER SYSTEM SET blocktrack.enabled = off");
+    c.sql("postgres", "SELECT pg_reload_conf()");
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while c.sql("postgres", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pg_blocktrack'") != "0" {
+        assert!(std::time::Instant::now() < until, "blocktrack.enabled = off did not drop the slot");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.stop();
+    c.append_conf("wal_level = minimal\nmax_wal_senders = 0");
+    c.start();
+    c.sql("postgres", "INSERT INTO t SELECT g FROM generate_series(1, 1000) g");
+    c.stop();
+    c.append_conf("wal_level = replica\nmax_wal_senders = 4");
+    c.start();
+    c.sql("postgres", "ALTER SYSTEM RESET blocktrack.enabled");
+    c.sql("postgres", "SELECT pg_reload_conf()");
+    wait_for_summarizer(&c);
+    assert!(after(&c, &a), "wal_level minimal: valid since {}", valid(&c));
+}
+
+/// The settings: enabled off drops the slot and on again starts a new range;
+/// slot_name names the slot; summary_interval writes summaries unasked;
+/// max_summary_memory cuts them by size; summary_keep_time removes old ones.
+#[test]
+fn settings_do_what_they_say() {
+    let c = tracked_cluster(
+        "gucs",
+        "blocktrack.slot_name = 'custom_tracker'\nblocktrack.summary_interval = 1\nblocktrack.max_summary_memory = 1\n",
+    );
+    wait_for_summarizer(&c);
+    assert_eq!(c.sql("postgres", "SELECT slot_name FROM blocktrack.status()"), "custom_tracker");
+    assert_eq!(c.sql("postgres", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'custom_tracker'"), "1");
+    // summary_interval = 1 s: summaries follow WAL without being asked.
+    c.sql("postgres", "CREATE TABLE t (v text); INSERT INTO t SELECT 'x' FROM generate_series(1, 1000)");
+    let lsn = c.sql("postgres", "SELECT pg_current_wal_insert_lsn()::text");
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while c.sql("postgres", &format!("SELECT summarized_lsn >= '{lsn}' FROM blocktrack.status()")) != "t" {
+        assert!(std::time::Instant::now() < until, "no summary within summary_interval");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // max_summary_memory = 1 MB: a change set of thousands of relations (about
+    // 600 bytes of block table each) is cut into several summaries.
+    let before: i64 = c.sql("postgres", "SELECT count(*) FROM blocktrack.summaries()").parse().unwrap();
+    c.sql("postgres", "ALTER SYSTEM SET blocktrack.summary_interval = 3600");
+    c.sql("postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    c.sql(
+        "postgres",
+        "DO $$ BEGIN FOR i IN 1..6000 LOOP EXECUTE format('CREATE TABLE m%s AS SELECT 1 AS v', i); END LOOP; END $$",
+    );
+    flush(&c);
+    let after: i64 = c.sql("postgres", "SELECT count(*) FROM blocktrack.summaries()").parse().unwrap();
+    let peak: i64 = c.sql("postgres", "SELECT peak_memory_bytes FROM blocktrack.status()").parse().unwrap();
+    assert!(after - before >= 3, "only {} summaries for a large change set", after - before);
+    assert!(peak <= 2 << 20, "the block table grew to {peak} bytes past max_summary_memory");
+    // summary_keep_time: summaries older than it go at the next summary.
+    let oldest = c.sql("postgres", "SELECT start_lsn::text FROM blocktrack.summaries() ORDER BY start_lsn LIMIT 1");
+    for e in std::fs::read_dir(c.data.join("pg_blocktrack/summaries")).unwrap().flatten() {
+        run_ok(std::process::Command::new("touch").args(["-d", "3 hours ago"]).arg(e.path()));
+    }
+    c.sql("postgres", "ALTER SYSTEM SET blocktrack.summary_keep_time = '1h'");
+    c.sql("postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    c.sql("postgres", "INSERT INTO t VALUES ('after')");
+    flush(&c);
+    let left = c.sql("postgres", &format!("SELECT count(*) FROM blocktrack.summaries() WHERE start_lsn <= '{oldest}'"));
+    assert_eq!(left, "0", "summaries older than summary_keep_time were kept");
+    // enabled = off drops the slot; on again tracks from a new point.
+    let a = flush(&c);
+    c.sql("postgres", "ALTER SYSTEM SET blocktrack.enabled = off");
+    c.sql("postgres", "SELECT pg_reload_conf()");
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while c.sql("postgres", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'custom_tracker'") != "0" {
+        assert!(std::time::Instant::now() < until, "enabled = off kept the slot");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.sql("postgres", "INSERT INTO t VALUES ('untracked'); SELECT pg_switch_wal(); CHECKPOINT;");
+    c.sql("postgres", "ALTER SYSTEM SET blocktrack.enabled = on");
+    c.sql("postgres", "SELECT pg_reload_conf()");
+    wait_for_summarizer(&c);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while c.sql("postgres", &format!("SELECT valid_since_lsn > '{a}' FROM blocktrack.status()")) != "t" {
+        assert!(std::time::Instant::now() < until, "enabled on again did not start a new range");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -8,7 +8,8 @@ cd "$ROOT"
 
 step "Debian packages"
 packages=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 postgresql-15-cron
-          libclang-dev clang sudo pgbackrest zstd util-linux libpq-dev pkg-config openssl)
+          libclang-dev clang sudo pgbackrest zstd util-linux libpq-dev pkg-config openssl
+          chromium fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,6 +22,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   echo "all present"
+fi
+
+step "Python packages (the metrics tests parse with Prometheus' own parser)"
+if python3 -c "import prometheus_client" 2>/dev/null; then
+  echo "present"
+else
+  pip install -q "prometheus_client==0.21.1"
 fi
 
 step "cargo-pgrx 0.18.0"

@@ -48,6 +48,9 @@ cargo test --release -p blockstream --test validation -- --test-threads=1
 step "security tests (hostile repositories, grantees, --force, root, drill, modes, TLS)"
 cargo test --release -p blockstream --test security -- --test-threads=1
 
+step "operations tests (pg_cron, run_backup and its cancel, progress view, metrics, retention, report)"
+cargo test --release -p blockstream --test operations -- --test-threads=1
+
 step "fault tests (kill -9 at every failpoint, server stopped, disks full, two at once)"
 cargo test --release -p blockstream --test faults -- --test-threads=1
 

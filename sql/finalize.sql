@@ -10,3 +10,8 @@ BEGIN
   END LOOP;
 END
 $$;
+
+-- What runs now, like pg_stat_progress_basebackup: backups started from SQL
+-- (blocktrack.run_backup) and by the command line.
+CREATE VIEW blocktrack.progress AS SELECT * FROM blocktrack.progress_rows();
+REVOKE ALL ON blocktrack.progress FROM PUBLIC;

@@ -15,13 +15,13 @@ use blockstream::progress::Progress;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-/// Runs `work` on an engine thread and waits for it, cancellable.
-pub fn run<T: Send + 'static>(work: impl FnOnce(&Progress) -> T + Send + 'static) -> T {
-    let progress = Arc::new(Progress::default());
-    let p = progress.clone();
+/// Starts `work` on an engine thread: every asynchronous signal blocked
+/// (its own threads inherit the mask), so PostgreSQL's handlers only ever
+/// run on the backend's thread.
+pub fn spawn<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     // SAFETY: sigset and pthread_sigmask calls on this thread's own mask,
     // restored right after the spawn.
-    let handle = unsafe {
+    unsafe {
         let mut block: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut block);
@@ -29,10 +29,17 @@ pub fn run<T: Send + 'static>(work: impl FnOnce(&Progress) -> T + Send + 'static
             libc::sigdelset(&mut block, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
-        let h = std::thread::Builder::new().name("blockstream".into()).spawn(move || work(&p));
+        let h = std::thread::Builder::new().name("blockstream".into()).spawn(work);
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         h.unwrap_or_else(|e| error!("could not start an engine thread: {e}"))
-    };
+    }
+}
+
+/// Runs `work` on an engine thread and waits for it, cancellable.
+pub fn run<T: Send + 'static>(work: impl FnOnce(&Progress) -> T + Send + 'static) -> T {
+    let progress = Arc::new(Progress::default());
+    let p = progress.clone();
+    let handle = spawn(move || work(&p));
     while !handle.is_finished() {
         // SAFETY: flags set by PostgreSQL's signal handlers, read as PostgreSQL's own macros do.
         let interrupted = unsafe { pg_sys::InterruptPending != 0 };

@@ -12,8 +12,11 @@ mod backup_session;
 mod engine;
 mod errors;
 mod guc;
+mod jobs;
 mod paths;
 mod pglsn;
+mod progress;
+mod repository;
 mod slot;
 mod status;
 mod summarizer;
@@ -44,6 +47,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     guc::register();
     status::init();
+    progress::init();
     summarizer::register();
 }
 
@@ -355,6 +359,296 @@ fn validate_backup(
     backup_id: default!(Option<&str>, "'latest'"),
 ) -> TableIterator<'static, (name!(check_name, String), name!(ok, bool), name!(detail, String))> {
     TableIterator::new(validate::validate(repo, backup_id))
+}
+
+/// Takes a backup of this cluster into the repository at `repo` in a
+/// background worker (full, incr, diff or auto), so a pg_cron job needs no
+/// command line. With `wait` (the default) returns the backup id when it is
+/// done and raises its error when it fails; without, returns NULL at once
+/// (watch `blocktrack.progress`). Needs superuser or pg_write_server_files,
+/// a repository under `blocktrack.allowed_repositories`, and the privileges
+/// of a backup role.
+#[pg_extern(volatile, parallel_unsafe)]
+fn run_backup(
+    repo: Option<&str>,
+    r#type: default!(Option<&str>, "'auto'"),
+    jobs: default!(Option<i32>, 2),
+    compress: default!(Option<&str>, "'zstd:3'"),
+    wait: default!(Option<bool>, true),
+) -> Option<String> {
+    jobs::run(
+        repo,
+        not_null(r#type, "type"),
+        not_null(jobs, "jobs"),
+        not_null(compress, "compress"),
+        not_null(wait, "wait"),
+    )
+}
+
+/// Asks running backups to stop (all, or the one whose `pid` shows in
+/// `blocktrack.progress`); returns how many were asked. A backup started
+/// from SQL also stops on `pg_cancel_backend` or `pg_terminate_backend`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn cancel_backup(pid: default!(Option<i32>, "NULL")) -> i64 {
+    jobs::cancel(pid)
+}
+
+/// The jobs running now, started from SQL or by the command line; the view
+/// `blocktrack.progress` shows them.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn progress_rows() -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(kind, String),
+        name!(source, String),
+        name!(repository, String),
+        name!(phase, String),
+        name!(files_done, i64),
+        name!(files_total, i64),
+        name!(bytes_done, i64),
+        name!(bytes_total, i64),
+        name!(streams, i32),
+        name!(mib_per_sec, f64),
+        name!(elapsed_secs, f64),
+        name!(remaining_secs, Option<f64>),
+        name!(cancel_requested, bool),
+    ),
+> {
+    let all = *progress::JOBS.share();
+    let rows: Vec<_> = all
+        .slots
+        .iter()
+        .filter(|s| s.active())
+        .map(|s| {
+            let r = blockstream::progress::Report {
+                phase: progress::get(&s.phase),
+                bytes_done: s.bytes_done,
+                bytes_total: s.bytes_total,
+                files_done: s.files_done,
+                files_total: s.files_total,
+                streams: s.streams as u64,
+                elapsed_secs: s.elapsed_secs,
+                phase_secs: s.phase_secs,
+            };
+            (
+                if s.pid != 0 { s.pid } else { s.requester },
+                match s.kind {
+                    progress::KIND_VERIFY => "verify",
+                    progress::KIND_RESTORE => "restore",
+                    _ => "backup",
+                }
+                .to_string(),
+                if s.source == progress::SOURCE_CLI { "cli" } else { "sql" }.to_string(),
+                progress::get(&s.repo),
+                r.phase.clone(),
+                s.files_done as i64,
+                s.files_total as i64,
+                s.bytes_done as i64,
+                s.bytes_total as i64,
+                s.streams as i32,
+                r.mib_per_sec(),
+                s.elapsed_secs,
+                r.remaining_secs(),
+                s.cancel,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// How the command line reports a backup it runs over this session; the
+/// phase `done` ends the report. Returns whether the backup should stop
+/// (`cancel_backup`).
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::too_many_arguments)] // one argument per SQL parameter
+fn progress_report(
+    kind: Option<&str>,
+    phase: Option<&str>,
+    bytes_done: default!(Option<i64>, 0),
+    bytes_total: default!(Option<i64>, 0),
+    files_done: default!(Option<i64>, 0),
+    files_total: default!(Option<i64>, 0),
+    streams: default!(Option<i32>, 0),
+    elapsed_secs: default!(Option<f64>, 0.0),
+    phase_secs: default!(Option<f64>, 0.0),
+    repository: default!(Option<&str>, "NULL"),
+) -> bool {
+    let kind = match not_null(kind, "kind") {
+        "backup" => progress::KIND_BACKUP,
+        "verify" => progress::KIND_VERIFY,
+        "restore" => progress::KIND_RESTORE,
+        k => errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("kind \"{k}\" is not one of backup, verify, restore"),
+            None,
+        ),
+    };
+    let phase = not_null(phase, "phase");
+    // SAFETY: this backend's own pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    let Some(i) = progress::cli_slot(me) else { return false };
+    if phase == "done" {
+        progress::JOBS.exclusive().slots[i].state = progress::FREE;
+        return false;
+    }
+    let nonneg = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
+    let mut all = progress::JOBS.exclusive();
+    let s = &mut all.slots[i];
+    s.kind = kind;
+    progress::put(&mut s.phase, phase);
+    if let Some(r) = repository {
+        progress::put(&mut s.repo, r);
+    }
+    s.bytes_done = nonneg(bytes_done);
+    s.bytes_total = nonneg(bytes_total);
+    s.files_done = nonneg(files_done);
+    s.files_total = nonneg(files_total);
+    s.streams = streams.unwrap_or(0).max(0) as u32;
+    s.elapsed_secs = elapsed_secs.unwrap_or(0.0).max(0.0);
+    s.phase_secs = phase_secs.unwrap_or(0.0).max(0.0);
+    s.cancel
+}
+
+/// One row per backup of the repository at `repo`: what it is, its sizes
+/// and times, its status, and its last verify and drill.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn backups(
+    repo: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(backup_id, String),
+        name!(backup_type, String),
+        name!(parent, Option<String>),
+        name!(status, String),
+        name!(start_time, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(stop_time, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(start_lsn, Option<String>),
+        name!(stop_lsn, Option<String>),
+        name!(timeline, i32),
+        name!(duration_secs, f64),
+        name!(bytes_read, i64),
+        name!(bytes_written, i64),
+        name!(restored_bytes, i64),
+        name!(compression_ratio, f64),
+        name!(changed_share, Option<f64>),
+        name!(last_verify_time, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_verify_ok, Option<bool>),
+        name!(last_drill_time, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_drill_ok, Option<bool>),
+        name!(last_drill_rto_secs, Option<f64>),
+        name!(detail, Option<String>),
+    ),
+> {
+    let ts = |s: &str| {
+        blockstream::timefmt::parse_iso8601(s).and_then(|secs| {
+            pgrx::datum::TimestampWithTimeZone::try_from(pg_sys::TimestampTz::from(
+                (secs as i64 - 946_684_800) * 1_000_000,
+            ))
+            .ok()
+        })
+    };
+    let rows: Vec<_> = repository::backups(repo)
+        .into_iter()
+        .map(|r| {
+            (
+                r.backup_id.clone(),
+                r.backup_type.clone(),
+                r.parent.clone(),
+                r.status.clone(),
+                ts(&r.start_time),
+                ts(&r.stop_time),
+                (!r.start_lsn.is_empty()).then(|| r.start_lsn.clone()),
+                (!r.stop_lsn.is_empty()).then(|| r.stop_lsn.clone()),
+                r.timeline as i32,
+                r.duration_secs,
+                r.bytes_read as i64,
+                r.bytes_written as i64,
+                r.restored_bytes as i64,
+                r.compression_ratio,
+                r.changed_share,
+                r.last_verify.as_ref().and_then(|o| ts(&o.time)),
+                r.last_verify.as_ref().map(|o| o.ok),
+                r.last_drill.as_ref().and_then(|o| ts(&o.time)),
+                r.last_drill.as_ref().map(|o| o.ok),
+                r.last_drill.as_ref().and_then(|o| o.rto_secs),
+                r.detail.clone(),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// The Prometheus samples of the repository at `repo` (what `blockstream
+/// metrics` prints, plus the summarizer's lag), one row each, for
+/// postgres_exporter; `labels` is in Prometheus' `{k="v"}` form.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn metrics(
+    repo: Option<&str>,
+) -> TableIterator<
+    'static,
+    (name!(metric, String), name!(labels, String), name!(value, f64), name!(kind, String), name!(help, String)),
+> {
+    let rows: Vec<_> = repository::metrics(repo)
+        .into_iter()
+        .map(|s| (s.name.clone(), s.label_text(), s.value, s.kind.to_string(), s.help.to_string()))
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Retention, as `blockstream expire`: keep the newest `retain_full` full
+/// backups, `retain_diff` differential ones, `retain_incr` incremental ones
+/// or those younger than `retain_days`, and whatever a kept backup needs.
+/// One row per backup: whether it expires, whether it was removed, why.
+#[pg_extern(volatile, parallel_unsafe)]
+fn expire(
+    repo: Option<&str>,
+    retain_full: Option<i32>,
+    retain_diff: default!(Option<i32>, "NULL"),
+    retain_incr: default!(Option<i32>, "NULL"),
+    retain_days: default!(Option<f64>, "NULL"),
+    dry_run: default!(Option<bool>, false),
+) -> TableIterator<'static, (name!(backup_id, String), name!(expire, bool), name!(removed, bool), name!(reason, String))>
+{
+    let count = |v: Option<i32>, name: &str| {
+        v.map(|n| {
+            usize::try_from(n).unwrap_or_else(|_| {
+                errors::raise(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("{name} must not be negative, got {n}"),
+                    None,
+                )
+            })
+        })
+    };
+    let policy = blockstream::expire::Policy {
+        retain_full: count(Some(not_null(retain_full, "retain_full")), "retain_full").unwrap_or(0),
+        retain_diff: count(retain_diff, "retain_diff"),
+        retain_incr: count(retain_incr, "retain_incr"),
+        retain_days,
+    };
+    let rows: Vec<_> = repository::expire(repo, policy, not_null(dry_run, "dry_run"))
+        .into_iter()
+        .map(|(d, removed)| (d.backup_id, d.expire, removed, d.reason))
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Verifies one backup (or all) of the repository at `repo`, as `blockstream
+/// verify`, and records the outcome in its verify log.
+#[pg_extern(volatile, parallel_unsafe)]
+fn run_verify(
+    repo: Option<&str>,
+    backup_id: default!(Option<&str>, "NULL"),
+) -> TableIterator<
+    'static,
+    (name!(backup_id, String), name!(ok, bool), name!(problems, i64), name!(detail, Option<String>)),
+> {
+    TableIterator::new(repository::verify(repo, backup_id))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

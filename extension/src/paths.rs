@@ -18,11 +18,11 @@ use pgrx::prelude::*;
 use crate::errors::raise;
 use crate::guc;
 
-/// What a function does with the repository it is given. (Functions that
-/// write one will need `pg_write_server_files`.)
+/// What a function does with the repository it is given.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Read,
+    Write,
 }
 
 /// Whether the current user has the privileges of `role` (or is superuser).
@@ -51,6 +51,7 @@ pub fn check_repository(repo: Option<&str>, access: Access) -> PathBuf {
     };
     let (role, role_name) = match access {
         Access::Read => (pg_sys::ROLE_PG_READ_SERVER_FILES, "pg_read_server_files"),
+        Access::Write => (pg_sys::ROLE_PG_WRITE_SERVER_FILES, "pg_write_server_files"),
     };
     if !has_role(role) {
         raise(
@@ -66,7 +67,16 @@ pub fn check_repository(repo: Option<&str>, access: Access) -> PathBuf {
             None,
         );
     }
-    let canonical = match std::fs::canonicalize(repo) {
+    // A repository a backup is about to create: its parent must exist.
+    let probe = std::path::Path::new(repo);
+    let canonical = match std::fs::canonicalize(probe) {
+        Ok(p) => Ok(p),
+        Err(_) if access == Access::Write && probe.parent().is_some_and(|p| p.is_dir()) => {
+            std::fs::canonicalize(probe.parent().unwrap()).map(|p| p.join(probe.file_name().unwrap_or_default()))
+        }
+        Err(e) => Err(e),
+    };
+    let canonical = match canonical {
         Ok(p) => p,
         Err(e) => {
             raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, format!("repository \"{repo}\" does not exist: {e}"), None)

@@ -318,6 +318,7 @@ fn copy_and_record(
     let pieces: Vec<Piece> = order.iter().flat_map(|&i| pieces_for(i, &layout(i, &files, &copies))).collect();
     let data_bytes: u64 = pieces.iter().map(|p| p.len).sum::<u64>() + files[control_idx].size;
     progress.start_phase("copy", data_bytes);
+    progress.set_streams(writers.len() as u64);
     let mut outcome = copy_pieces(&files, pieces, &mut writers, &copy_cfg, progress)?;
     crate::failpoint::hit("data-copied");
     // pg_control goes last, after every other file has been read.
@@ -455,6 +456,7 @@ fn copy_and_record(
             ..stats
         },
     };
+    progress.start_phase("manifest", 0);
     manifest.validate()?;
     manifest.store(&dir)?;
     crate::failpoint::hit("manifest-renamed");

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
@@ -132,6 +132,14 @@ pub fn copy_pieces(
     let (tx, rx) = bounded::<Piece>(writers.len() * 4);
     let failed = AtomicBool::new(false);
     let throttle = Throttle::new(cfg.max_rate);
+    // Pieces left per file, so progress can count files as they complete.
+    let remaining: Vec<AtomicU32> = (0..files.len()).map(|_| AtomicU32::new(0)).collect();
+    for p in &pieces {
+        if remaining[p.file as usize].fetch_add(1, Ordering::Relaxed) == 0 {
+            progress.add_files(1);
+        }
+    }
+    let remaining = &remaining;
     std::thread::scope(|s| {
         let handles: Vec<_> = writers
             .iter_mut()
@@ -139,7 +147,7 @@ pub fn copy_pieces(
                 let rx = rx.clone();
                 let (failed, throttle) = (&failed, &throttle);
                 s.spawn(move || {
-                    let r = stream_worker(files, rx, w, cfg, progress, throttle);
+                    let r = stream_worker(files, rx, w, cfg, progress, throttle, remaining);
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
@@ -179,12 +187,18 @@ fn stream_worker(
     cfg: &CopyConfig,
     progress: &Progress,
     throttle: &Throttle,
+    remaining: &[AtomicU32],
 ) -> Result<CopyOutcome> {
     let mut compressor = Compressor::new(cfg.compression)?;
     let mut chunk = ChunkBuilder::with_capacity(cfg.chunk_size + cfg.piece_size as usize + 4096);
     let mut stored = Vec::new();
     let mut out = CopyOutcome::default();
     let mut open: Option<(u32, File)> = None;
+    let piece_done = |file: u32| {
+        if remaining[file as usize].fetch_sub(1, Ordering::Relaxed) == 1 {
+            progress.file_done();
+        }
+    };
     for piece in rx {
         progress.check_cancel()?;
         let src = &files[piece.file as usize];
@@ -199,7 +213,10 @@ fn stream_worker(
                 Err(e) => return Err(Error::Io { op: "open", path: src.abs.clone(), source: e }),
             };
         }
-        let Some((_, file)) = &open else { continue };
+        let Some((_, file)) = &open else {
+            piece_done(piece.file);
+            continue;
+        };
         throttle.take(piece.len);
         let map = GuardedMap::map(file, piece.offset, piece.len as usize).map_err(Error::io("map", &src.abs))?;
         // The live file is read exactly once, into the chunk; the digest and
@@ -224,6 +241,7 @@ fn stream_worker(
         }
         out.bytes_read += piece.len;
         progress.add(piece.len);
+        piece_done(piece.file);
         if chunk.raw_len() >= cfg.chunk_size {
             flush(&mut chunk, &mut compressor, &mut stored, writer)?;
         }

@@ -39,6 +39,17 @@ pub fn parse_compact(s: &str) -> Option<u64> {
     u64::try_from(days * 86_400 + h * 3600 + mi * 60 + sec).ok()
 }
 
+/// Seconds since the epoch of `2026-11-27T03:15:00Z` (as [`iso8601`] writes it).
+pub fn parse_iso8601(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z'
+    {
+        return None;
+    }
+    let compact: String = [&s[0..4], &s[5..7], &s[8..10], "T", &s[11..13], &s[14..16], &s[17..19]].concat();
+    parse_compact(&compact)
+}
+
 /// `20261127T031500` — the stamp a backup id starts with.
 pub fn compact(t: SystemTime) -> String {
     let (y, mo, d, h, mi, s) = utc_parts(t);
@@ -64,6 +75,8 @@ mod tests {
         assert_eq!(compact(t), "20261127T031500");
         assert_eq!(parse_compact("20261127T031500F"), Some(1_795_749_300));
         assert_eq!(parse_compact("20000229T000000"), Some(951_782_400));
+        assert_eq!(parse_iso8601("2026-11-27T03:15:00Z"), Some(1_795_749_300));
+        assert_eq!(parse_iso8601("2026-11-27 03:15:00"), None);
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(iso8601(leap), "2000-02-29T00:00:00Z");
     }

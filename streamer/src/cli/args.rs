@@ -34,6 +34,12 @@ pub enum Command {
     Drill(DrillArgs),
     /// Fetch a WAL file from the repository (for restore_command)
     ArchiveGet(ArchiveGetArgs),
+    /// Print Prometheus metrics of a repository (for node_exporter's textfile collector)
+    Metrics(MetricsArgs),
+    /// Remove backups a retention policy lets go (and nothing a kept backup needs)
+    Expire(ExpireArgs),
+    /// Write a self-contained HTML report of a repository
+    Report(ReportArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -230,6 +236,9 @@ pub struct VerifyArgs {
     /// Parallel threads
     #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs_parser(), default_value_t = default_jobs())]
     pub jobs: usize,
+    /// Show progress (the default on a terminal)
+    #[arg(short = 'P', long = "progress")]
+    pub progress: bool,
     /// Output format
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -281,4 +290,60 @@ pub struct ArchiveGetArgs {
     pub file: String,
     /// Where to write it (%p)
     pub path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+}
+
+/// A retention policy, as pgBackRest's: the newest N full backups, and of
+/// the backups since, N differential and N incremental ones (or D days).
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Full backups to keep (everything older than the oldest of them goes)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub retain_full: Option<u32>,
+    /// Differential backups to keep (with what builds on them)
+    #[arg(long, value_name = "N")]
+    pub retain_diff: Option<u32>,
+    /// Incremental backups to keep
+    #[arg(long, value_name = "N", conflicts_with = "retain_days")]
+    pub retain_incr: Option<u32>,
+    /// Keep incremental backups younger than this many days
+    #[arg(long, value_name = "DAYS")]
+    pub retain_days: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExpireArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// Say what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Show progress (the default on a terminal)
+    #[arg(short = 'P', long = "progress")]
+    pub progress: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Repository directory
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// The HTML file to write
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+    /// Show the retention state under this policy
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }

@@ -14,7 +14,8 @@ use blockstream::verify::verify_backup;
 use serde_json::json;
 
 use super::args::{
-    ArchiveGetArgs, BackupArgs, BackupKind, Checkpoint, Cli, Command, InfoArgs, Output, RestoreArgs, VerifyArgs,
+    ArchiveGetArgs, BackupArgs, BackupKind, Checkpoint, Cli, Command, ExpireArgs, InfoArgs, MetricsArgs, Output,
+    ReportArgs, RestoreArgs, RetentionArgs, VerifyArgs,
 };
 use super::output::{mib, with_progress};
 use super::session::PgSession;
@@ -28,6 +29,29 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify(a),
         Command::Drill(a) => super::drill::drill(a),
         Command::ArchiveGet(a) => archive_get(a),
+        Command::Metrics(a) => metrics(a),
+        Command::Expire(a) => expire(a),
+        Command::Report(a) => report(a),
+    }
+}
+
+/// Progress bars: when asked for, or by default when both stdout and
+/// stderr are terminals and the output is text.
+fn progress_on(flag: bool, output: Output) -> bool {
+    // SAFETY: isatty has no preconditions.
+    flag || (output == Output::Text && unsafe { libc::isatty(1) == 1 && libc::isatty(2) == 1 })
+}
+
+/// Run as root, a command that writes into a repository (a log line, a
+/// removal) becomes the repository's owner first, so that what it writes
+/// belongs to the same user as the rest of the repository.
+fn become_repo_owner(repo: &Repo) -> anyhow::Result<()> {
+    if !blockstream::privs::is_root() {
+        return Ok(());
+    }
+    match blockstream::privs::owner_of(repo.root()) {
+        Some(0) | None => Ok(()),
+        Some(uid) => Ok(blockstream::privs::become_user(&blockstream::privs::user_by_uid(uid)?)?),
     }
 }
 
@@ -63,8 +87,11 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         verify_checksums: !a.no_verify_checksums,
         allow_checksum_failures: a.allow_checksum_failures,
     };
-    let progress = Progress::default();
-    let m = with_progress(a.progress, &progress, || run_backup(&opts, &mut session, &progress))?;
+    let progress = std::sync::Arc::new(Progress::default());
+    let reporter = session.report("backup", opts.repo.display().to_string(), progress.clone());
+    let m = with_progress(progress_on(a.progress, a.output), &progress, || run_backup(&opts, &mut session, &progress));
+    drop(reporter);
+    let m = m?;
     if let Some(why) = &m.full_reason {
         eprintln!("blockstream: took a full backup: {why}");
     }
@@ -204,7 +231,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         owner: a.owner.clone(),
     };
     let progress = Progress::default();
-    let r = with_progress(a.progress, &progress, || run_restore(&opts, &progress))?;
+    let r = with_progress(progress_on(a.progress, a.output), &progress, || run_restore(&opts, &progress))?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         Output::Text => {
@@ -348,9 +375,26 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&absolute(&a.repo))?;
     warn_loose_modes(&repo);
+    become_repo_owner(&repo)?;
     let ids = if a.backup == "all" { repo.backup_ids()? } else { vec![repo.resolve(&a.backup)?] };
     let progress = Progress::default();
-    let results: Vec<_> = ids.iter().map(|id| verify_backup(&repo, id, a.jobs, &progress)).collect();
+    let results: Vec<_> = with_progress(progress_on(a.progress, a.output), &progress, || {
+        ids.iter().map(|id| verify_backup(&repo, id, a.jobs, &progress)).collect()
+    });
+    for r in &results {
+        let record = json!({
+            "backup_id": r.backup_id,
+            "time": blockstream::timefmt::iso8601(std::time::SystemTime::now()),
+            "ok": r.problems.is_empty(),
+            "problems": r.problems,
+            "secs": r.secs,
+            "stored_bytes": r.stored_bytes,
+            "source": "cli",
+        });
+        if let Err(e) = blockstream::catalog::append_log(repo.root(), blockstream::catalog::VERIFY_LOG, &record) {
+            eprintln!("blockstream: warning: the verify log was not written: {e}");
+        }
+    }
     let problems: usize = results.iter().map(|r| r.problems.len()).sum();
     match a.output {
         Output::Json => {
@@ -411,4 +455,119 @@ fn archive_get(a: ArchiveGetArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("blockstream: archive-get: {} is not in repository {}", a.file, repo.root().display());
     Ok(ExitCode::from(1))
+}
+
+fn metrics(a: MetricsArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&absolute(&a.repo))?;
+    let rows = blockstream::catalog::list(&repo)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let samples = blockstream::metrics::samples(
+        &rows,
+        blockstream::catalog::repository_bytes(repo.root()),
+        now,
+        blockstream::metrics::ServerFacts::default(),
+    );
+    print!("{}", blockstream::metrics::to_text(&samples));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy(r: &RetentionArgs) -> Option<blockstream::expire::Policy> {
+    Some(blockstream::expire::Policy {
+        retain_full: r.retain_full? as usize,
+        retain_diff: r.retain_diff.map(|n| n as usize),
+        retain_incr: r.retain_incr.map(|n| n as usize),
+        retain_days: r.retain_days,
+    })
+}
+
+fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
+    let Some(policy) = policy(&a.retention) else { usage_error("--retain-full is required") };
+    if let Err(e) = policy.check() {
+        usage_error(e);
+    }
+    let repo = Repo::open(&absolute(&a.repo))?;
+    become_repo_owner(&repo)?;
+    let lock = if a.dry_run { None } else { Some(repo.lock()?) };
+    if let Some(l) = &lock {
+        // Leftovers of a killed backup or expire go first.
+        repo.remove_incomplete(l)?;
+    }
+    let before = blockstream::catalog::repository_bytes(repo.root());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let decisions = blockstream::expire::plan(&blockstream::expire::entries(&repo)?, &policy, now);
+    let progress = Progress::default();
+    let doomed = decisions.iter().filter(|d| d.expire).count() as u64;
+    let removed = match &lock {
+        None => Vec::new(),
+        Some(l) => with_progress(progress_on(a.progress, a.output), &progress, || {
+            progress.start_phase("expire", doomed);
+            let r = blockstream::expire::execute(&repo, l, &decisions);
+            progress.add(doomed);
+            r
+        })?,
+    };
+    let after = blockstream::catalog::repository_bytes(repo.root());
+    match a.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "dry_run": a.dry_run,
+                "decisions": decisions,
+                "removed": removed,
+                "repository_bytes_before": before,
+                "repository_bytes_after": after,
+            }))?
+        ),
+        Output::Text => {
+            for d in &decisions {
+                let what = match (d.expire, a.dry_run) {
+                    (true, true) => "would expire",
+                    (true, false) => "expired",
+                    (false, _) => "kept",
+                };
+                println!("{} {what}: {}", d.backup_id, d.reason);
+            }
+            if a.dry_run {
+                println!("dry run: {doomed} backups would be removed");
+            } else {
+                println!("removed {} backups; repository {} -> {}", removed.len(), mib(before), mib(after));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&absolute(&a.repo))?;
+    let rows = blockstream::catalog::list(&repo)?;
+    let verifies = blockstream::catalog::read_log(repo.root(), blockstream::catalog::VERIFY_LOG);
+    let drills = blockstream::catalog::read_log(repo.root(), blockstream::catalog::DRILL_LOG);
+    let decisions = match policy(&a.retention) {
+        Some(p) => {
+            if let Err(e) = p.check() {
+                usage_error(e);
+            }
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            Some(blockstream::expire::plan(&blockstream::expire::entries(&repo)?, &p, now))
+        }
+        None => None,
+    };
+    let html = blockstream::report::render(
+        &repo.root().display().to_string(),
+        &rows,
+        &verifies,
+        &drills,
+        decisions.as_deref(),
+        &blockstream::timefmt::iso8601(std::time::SystemTime::now()),
+    );
+    std::fs::write(&a.output, html).with_context(|| format!("could not write \"{}\"", a.output.display()))?;
+    println!(
+        "wrote {} ({} backups, {} drills, {} verifies)",
+        a.output.display(),
+        rows.len(),
+        drills.len(),
+        verifies.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -11,9 +11,7 @@
 //! address and on a socket of mode 0700 in that directory, and accepts only
 //! `peer` authentication of that OS user (mapped to the role `--user`).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime};
@@ -32,7 +30,6 @@ use super::commands::shell_quote;
 use super::output::with_progress;
 use super::pq::{Conn, DbError};
 
-pub const DRILL_LOG: &str = "drills.jsonl";
 /// The drill's server listens here, inside its private directory.
 const DRILL_PORT: u16 = 5432;
 
@@ -114,7 +111,6 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
         // Everything from here on, the restore included, runs as the drill's user.
         privs::become_user(&d.owner)?;
     }
-    let mut log = open_log(repo.root())?;
 
     let started = SystemTime::now();
     let mut f = Findings::default();
@@ -151,8 +147,8 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
         "relations_checked": f.relations,
         "problems": f.problems,
     });
-    log.write_all(format!("{record}\n").as_bytes()).context("could not append to the drill log")?;
-    log.sync_all().context("could not fsync the drill log")?;
+    blockstream::catalog::append_log(repo.root(), blockstream::catalog::DRILL_LOG, &record)
+        .context("could not append to the drill log")?;
     print_summary(&d, &a, &f, &record)?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -202,21 +198,6 @@ fn make_private_dir(d: &Drill) -> anyhow::Result<()> {
             .with_context(|| format!("could not give \"{}\" to {}", d.base.display(), d.owner.name))?;
     }
     Ok(())
-}
-
-fn open_log(repo: &Path) -> anyhow::Result<File> {
-    let path = repo.join(DRILL_LOG);
-    let f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(safe_fs::FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-        .with_context(|| format!("could not open the drill log \"{}\"", path.display()))?;
-    if !f.metadata()?.is_file() {
-        bail!("drill log \"{}\" is not a regular file", path.display());
-    }
-    Ok(f)
 }
 
 /// Restores into `base/data`, tablespaces inside the scratch directory.
@@ -401,14 +382,5 @@ fn print_summary(d: &Drill, a: &DrillArgs, f: &Findings, record: &serde_json::Va
 
 /// The latest drill of each backup, from the repository's drill log.
 pub fn last_drills(repo: &Path) -> std::collections::HashMap<String, serde_json::Value> {
-    let mut out = std::collections::HashMap::new();
-    let Ok(bytes) = safe_fs::read_regular(&repo.join(DRILL_LOG), 256 << 20) else { return out };
-    for line in String::from_utf8_lossy(&bytes).lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if let Some(id) = v["backup_id"].as_str() {
-                out.insert(id.to_string(), v);
-            }
-        }
-    }
-    out
+    blockstream::catalog::last_by_backup(&blockstream::catalog::read_log(repo, blockstream::catalog::DRILL_LOG))
 }

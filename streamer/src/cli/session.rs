@@ -7,6 +7,12 @@ use blockstream::lsn::Lsn;
 use blockstream::plan::ChangedSegment;
 use blockstream::{Error, Result};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockstream::progress::Progress;
+
 use super::args::ConnArgs;
 use super::pq::{Conn, DbError, Rows};
 
@@ -39,8 +45,10 @@ pub fn connect(args: &ConnArgs, application: &str) -> Result<Conn> {
     Conn::connect(&borrowed).map_err(Error::Server)
 }
 
+/// A backup's session: one connection, shared by the engine's calls and the
+/// progress reporter (which take turns on it).
 pub struct PgSession {
-    client: Conn,
+    client: Arc<Mutex<Conn>>,
     target: String,
 }
 
@@ -80,11 +88,78 @@ fn unhex(s: &str, what: &str) -> Result<Vec<u8>> {
     b.chunks_exact(2).map(|p| Ok(nib(p[0])? << 4 | nib(p[1])?)).collect()
 }
 
+/// Reports a running operation's progress over its session every half
+/// second (`blocktrack.progress_report`, shown by the `blocktrack.progress`
+/// view), and turns a `blocktrack.cancel_backup()` into a cancel of the
+/// engine. Stops and says `done` when dropped.
+pub struct Reporter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl PgSession {
+    fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts reporting `progress` of a `kind` operation on `repository`.
+    pub fn report(&self, kind: &'static str, repository: String, progress: Arc<Progress>) -> Reporter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (client, flag) = (self.client.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let send = |phase: &str, r: &blockstream::progress::Report| -> Option<bool> {
+                let mut c = client.lock().unwrap_or_else(|p| p.into_inner());
+                let args = [
+                    kind.to_string(),
+                    phase.to_string(),
+                    r.bytes_done.to_string(),
+                    r.bytes_total.to_string(),
+                    r.files_done.to_string(),
+                    r.files_total.to_string(),
+                    r.streams.to_string(),
+                    format!("{:.3}", r.elapsed_secs),
+                    format!("{:.3}", r.phase_secs),
+                    repository.clone(),
+                ];
+                let a: Vec<Option<&str>> = args.iter().map(|s| Some(s.as_str())).collect();
+                c.query(
+                    "SELECT blocktrack.progress_report($1, $2, $3::int8, $4::int8, $5::int8, $6::int8, $7::int4, \
+                     $8::float8, $9::float8, $10)",
+                    &a,
+                )
+                .ok()
+                .map(|rows| rows.get(0, 0) == Some("t"))
+            };
+            while !flag.load(Ordering::Relaxed) {
+                let r = progress.report();
+                if !r.phase.is_empty() && send(&r.phase, &r) == Some(true) {
+                    progress.cancel();
+                }
+                for _ in 0..5 {
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            let _ = send("done", &progress.report());
+        });
+        Reporter { stop, thread: Some(thread) }
+    }
+
     pub fn connect(args: &ConnArgs) -> Result<PgSession> {
         let client = connect(args, "blockstream")?;
         let target = format!("{}{}", client.describe(), if client.ssl_in_use() { " over TLS" } else { "" });
-        Ok(PgSession { client, target })
+        Ok(PgSession { client: Arc::new(Mutex::new(client)), target })
     }
 
     pub fn target(&self) -> &str {
@@ -93,7 +168,7 @@ impl PgSession {
 
     /// The data directory as the server reports it (needs superuser or pg_read_all_settings).
     pub fn data_directory(&mut self) -> Option<String> {
-        self.client
+        self.conn()
             .query("SELECT setting FROM pg_settings WHERE name = 'data_directory'", &[])
             .ok()
             .and_then(|r| r.get(0, 0).map(str::to_string))
@@ -104,7 +179,7 @@ impl BackupSession for PgSession {
     fn server_info(&mut self) -> Result<ServerInfo> {
         let target = self.target.clone();
         let ext = self
-            .client
+            .conn()
             .query("SELECT extversion FROM pg_extension WHERE extname = 'pg_blocktrack'", &[])
             .map_err(server_err("checking for pg_blocktrack", &target))?;
         if ext.rows.is_empty() {
@@ -114,7 +189,7 @@ impl BackupSession for PgSession {
         }
         let what = "reading server settings";
         let row = one_row(
-            self.client
+            self.conn()
                 .query(
                     "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
                             current_setting('server_version_num'), \
@@ -143,7 +218,7 @@ impl BackupSession for PgSession {
         let parent_crc = text(&|p| p.checkpoint.map(|(_, c)| c.to_string()));
         let what = "blocktrack.backup_start";
         let row = one_row(
-            self.client
+            self.conn()
                 .query(
                     "SELECT start_lsn::text, start_tli, system_identifier::text, data_checksums, incremental_ok, reason \
                      FROM blocktrack.backup_start($1, $2::bool, $3::text::pg_lsn, $4::int4, \
@@ -176,7 +251,7 @@ impl BackupSession for PgSession {
         let target = self.target.clone();
         let what = "blocktrack.changed_blocks";
         let rows = self
-            .client
+            .conn()
             .query(
                 "SELECT path, relfilenode::int8, forknum::int4, segno, limit_block, full_copy, encode(blocks, 'hex') \
                  FROM blocktrack.changed_blocks($1::text::pg_lsn, $2::text::pg_lsn, $3::int4)",
@@ -215,7 +290,7 @@ impl BackupSession for PgSession {
         let target = self.target.clone();
         let what = "blocktrack.backup_stop";
         let row = one_row(
-            self.client
+            self.conn()
                 .query(
                     "SELECT stop_lsn::text, stop_tli, labelfile, spcmapfile, checkpoint_crc \
                      FROM blocktrack.backup_stop(false)",

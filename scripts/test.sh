@@ -54,6 +54,9 @@ cargo test --release -p blockstream --test operations -- --test-threads=1
 step "fault tests (kill -9 at every failpoint, server stopped, disks full, two at once)"
 cargo test --release -p blockstream --test faults -- --test-threads=1
 
+step "WAL archive and PITR tests (archive-push sync and async, every recovery target, timelines, gaps, wal-receive)"
+cargo test --release -p blockstream --test pitr -- --test-threads=1
+
 step "benchmark harness, quick mode (keeps bench/ from rotting; figures come from the full run)"
 python3 bench/bench.py --quick
 

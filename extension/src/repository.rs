@@ -38,14 +38,19 @@ pub fn metrics(repo: Option<&str>) -> Vec<Sample> {
         let st = *crate::status::STATUS.share();
         crate::tracking::flush_lsn().0.saturating_sub(st.summarized_lsn)
     };
+    let failed =
+        Spi::get_one::<i64>("SELECT failed_count FROM pg_stat_archiver").ok().flatten().map(|n| n.max(0) as u64);
     let r = engine::run(move |_| {
         let repo = Repo::open(&root)?;
         let rows = catalog::list(&repo)?;
+        let seg =
+            rows.last().and_then(|r| repo.load_manifest(&r.backup_id).ok()).map_or(16 << 20, |m| m.wal_segment_size);
         Ok::<_, blockstream::Error>(metrics::samples(
             &rows,
             catalog::repository_bytes(repo.root()),
             now(),
-            ServerFacts { summarizer_lag_bytes: Some(lag) },
+            ServerFacts { summarizer_lag_bytes: Some(lag), archive_failed_count: failed },
+            blockstream::archive::facts(&repo, seg).as_ref(),
         ))
     });
     r.unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, e.to_string(), None))
@@ -69,6 +74,9 @@ pub fn expire(repo: Option<&str>, policy: Policy, dry_run: bool) -> Vec<(Decisio
             Some(l) => expire::execute(&repo, l, &decisions)?,
             None => Vec::new(),
         };
+        if let Some((start, seg)) = expire::oldest_kept(&repo, &decisions) {
+            expire::prune_archive(&repo, start, seg, dry_run)?;
+        }
         Ok::<_, blockstream::Error>(
             decisions
                 .into_iter()

@@ -187,6 +187,40 @@ pub fn execute(repo: &Repo, _lock: &RepoLock, decisions: &[Decision]) -> Result<
     Ok(removed)
 }
 
+/// Archived WAL no kept backup needs: segments (and partial segments and
+/// backup history files) before the oldest kept backup's start segment.
+/// Timeline history files stay. Returns the names, removed unless `dry_run`.
+pub fn prune_archive(
+    repo: &Repo,
+    oldest_start: crate::lsn::Lsn,
+    segment_size: u64,
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let first = oldest_start.segment(segment_size);
+    let mut out = Vec::new();
+    for (name, path) in crate::archive::files(repo) {
+        let base = name.split('.').next().unwrap_or("");
+        let Some((_, segno)) = crate::lsn::parse_wal_file_name(base, segment_size) else { continue };
+        if segno < first {
+            if !dry_run {
+                std::fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+            }
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// The start LSN and segment size of the oldest backup `decisions` keep.
+pub fn oldest_kept(repo: &Repo, decisions: &[Decision]) -> Option<(crate::lsn::Lsn, u64)> {
+    decisions
+        .iter()
+        .filter(|d| !d.expire)
+        .filter_map(|d| repo.load_manifest(&d.backup_id).ok())
+        .map(|m| (m.start_lsn, m.wal_segment_size))
+        .min_by_key(|(l, _)| *l)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@
 //! The engine never talks to PostgreSQL itself: [`backup::BackupSession`] is
 //! implemented by the command line (over libpq) and by the extension (over SPI).
 
+pub mod archive;
 pub mod backup;
 pub mod backup_label;
 pub mod blkref;

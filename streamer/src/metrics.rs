@@ -41,11 +41,19 @@ impl Sample {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ServerFacts {
     pub summarizer_lag_bytes: Option<u64>,
+    /// pg_stat_archiver's failed_count.
+    pub archive_failed_count: Option<u64>,
 }
 
 /// The samples for a repository: `rows` from [`crate::catalog::list`],
 /// `repository_bytes` its size on disk, `now` seconds since the epoch.
-pub fn samples(rows: &[BackupRow], repository_bytes: u64, now: u64, server: ServerFacts) -> Vec<Sample> {
+pub fn samples(
+    rows: &[BackupRow],
+    repository_bytes: u64,
+    now: u64,
+    server: ServerFacts,
+    archive: Option<&crate::archive::Facts>,
+) -> Vec<Sample> {
     let mut out = Vec::new();
     let mut push = |name: &str, help: &'static str, kind: &'static str, labels: &[(&str, &str)], value: f64| {
         out.push(Sample {
@@ -135,6 +143,56 @@ pub fn samples(rows: &[BackupRow], repository_bytes: u64, now: u64, server: Serv
     if let Some(lag) = server.summarizer_lag_bytes {
         push("summarizer_lag_bytes", "WAL not yet summarized by pg_blocktrack.", "gauge", &[], lag as f64);
     }
+    if let Some(n) = server.archive_failed_count {
+        push(
+            "archive_command_failures_total",
+            "Failed archive_command runs (pg_stat_archiver).",
+            "counter",
+            &[],
+            n as f64,
+        );
+    }
+    if let Some(a) = archive {
+        push("archive_segments", "WAL segments in the archive.", "gauge", &[], a.segments as f64);
+        push("archive_size_bytes", "Bytes the WAL archive holds.", "gauge", &[], a.bytes as f64);
+        if let Some(t) = a.newest_secs {
+            push(
+                "archive_last_segment_timestamp_seconds",
+                "When the newest WAL segment was archived (Unix time).",
+                "gauge",
+                &[],
+                t as f64,
+            );
+            push(
+                "archive_last_segment_age_seconds",
+                "Seconds since the newest WAL segment was archived.",
+                "gauge",
+                &[],
+                now.saturating_sub(t) as f64,
+            );
+        }
+        if let Some(b) = a.queue_bytes {
+            push(
+                "archive_lag_bytes",
+                "WAL queued for asynchronous archiving, not yet archived.",
+                "gauge",
+                &[],
+                b as f64,
+            );
+        }
+        if let Some(s) = a.queue_oldest_secs {
+            push("archive_lag_seconds", "How long the oldest queued WAL file has waited.", "gauge", &[], s);
+        }
+        if let Some(f) = a.push_failures {
+            push(
+                "archive_push_failures_total",
+                "Failed pushes by the asynchronous pusher since it started.",
+                "counter",
+                &[],
+                f as f64,
+            );
+        }
+    }
     // One family's samples together (the exposition format requires it).
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -193,7 +251,8 @@ mod tests {
         rows[1].last_drill =
             Some(Outcome { time: "2026-11-27T03:00:00Z".into(), ok: true, detail: None, rto_secs: Some(4.5) });
         let now = crate::timefmt::parse_iso8601("2026-11-27T02:00:10Z").unwrap();
-        let s = samples(&rows, 12345, now, ServerFacts { summarizer_lag_bytes: Some(7) });
+        let s =
+            samples(&rows, 12345, now, ServerFacts { summarizer_lag_bytes: Some(7), archive_failed_count: None }, None);
         let text = to_text(&s);
         assert!(text.contains("blockstream_last_backup_age_seconds{type=\"incr\"} 3600\n"), "{text}");
         assert!(text.contains("blockstream_last_backup_age_seconds{type=\"full\"} 7200\n"), "{text}");

@@ -34,6 +34,7 @@ use std::time::{Instant, SystemTime};
 
 use memmap2::MmapOptions;
 
+use crate::archive;
 use crate::chain::{load_chain, resolve, Take};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
@@ -53,13 +54,16 @@ const CONTROL_FILE_MAX: u64 = 64 << 10;
 /// Where recovery stops.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum RecoveryTarget {
-    /// Replay all WAL that can be found, then promote.
+    /// Replay all WAL that can be found (the end of the archive).
     #[default]
     EndOfWal,
     /// Stop as soon as the backup is consistent.
     Immediate,
     Time(String),
     Lsn(Lsn),
+    Xid(String),
+    /// A restore point made with `pg_create_restore_point`.
+    Name(String),
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +82,10 @@ pub struct RestoreOptions {
     /// Run as root: the user to write as (default: the owner of an existing
     /// target, else the backup's data-directory owner).
     pub owner: Option<String>,
+    /// `recovery_target_action` (promote, pause, shutdown) when a target is set.
+    pub target_action: Option<String>,
+    /// `recovery_target_timeline` (latest, current or a number).
+    pub target_timeline: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -119,9 +127,13 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         return Err(Error::Usage("jobs must be at least 1".into()));
     }
     let repo = Repo::open(&opts.repo)?;
-    let id = repo.resolve(&opts.backup)?;
+    let id = match opts.backup.as_str() {
+        "latest" => choose_backup(&repo, &opts.recovery_target)?,
+        other => repo.resolve(other)?,
+    };
     let chain = load_chain(&repo, &id)?;
     let m = chain.last().expect("a chain holds at least its target");
+    check_archive_reaches(&repo, m, &opts.recovery_target)?;
     let locations = map_tablespaces(m, &opts.tablespace_map)?;
     let control = m.files.iter().find(|f| f.path == CONTROL_FILE && !f.vanished).ok_or_else(|| {
         Error::Corrupt(format!("backup {id} holds no {CONTROL_FILE}: it is not a backup of a data directory"))
@@ -265,6 +277,74 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         throughput_mib_s: bytes_restored as f64 / (1 << 20) as f64 / duration.max(1e-9),
         jobs: opts.jobs as u32,
     })
+}
+
+/// The backup a point-in-time restore starts from: the newest one that
+/// ended before the target (the newest one for targets only recovery can place).
+pub fn choose_backup(repo: &Repo, target: &RecoveryTarget) -> Result<String> {
+    let ids = repo.backup_ids()?;
+    let what = match target {
+        RecoveryTarget::Time(t) => format!("time {t}"),
+        RecoveryTarget::Lsn(l) => format!("LSN {l}"),
+        _ => return repo.resolve("latest"),
+    };
+    let want_time = match target {
+        RecoveryTarget::Time(t) => Some(timefmt::parse_timestamp(t).ok_or_else(|| {
+            Error::Usage(format!("recovery target time \"{t}\" is not a timestamp like 2026-11-27 03:15:00+00"))
+        })?),
+        _ => None,
+    };
+    for id in ids.iter().rev() {
+        let Ok(m) = repo.load_manifest(id) else { continue };
+        let fits = match (target, want_time) {
+            (_, Some(want)) => timefmt::parse_iso8601(&m.stop_time).is_some_and(|stop| stop as f64 <= want),
+            (RecoveryTarget::Lsn(l), _) => m.stop_lsn <= *l,
+            _ => true,
+        };
+        if fits {
+            return Ok(id.clone());
+        }
+    }
+    match ids.first() {
+        Some(oldest) => {
+            let m = repo.load_manifest(oldest)?;
+            Err(Error::Usage(format!(
+                "recovery target {what} is before the end of the oldest backup {oldest} (it ended at {}, LSN {}): no backup can reach it",
+                m.stop_time, m.stop_lsn
+            )))
+        }
+        None => Err(Error::Usage(format!("repository \"{}\" holds no backup yet", repo.root().display()))),
+    }
+}
+
+/// Refuses a restore that recovery could not finish for want of archived
+/// WAL: a gap in the archive before the target LSN, or (for the end of the
+/// archive) anywhere after the backup, where recovery would stop silently.
+fn check_archive_reaches(repo: &Repo, m: &Manifest, target: &RecoveryTarget) -> Result<()> {
+    let seg = m.wal_segment_size;
+    let listing = archive::list(repo, seg)?;
+    // Only when the archive holds WAL of this backup's history past its end.
+    let stop_seg = m.stop_lsn.previous_segment(seg);
+    let beyond = listing.segments.iter().any(|(t, s)| *t >= m.timeline && s.iter().any(|&n| n > stop_seg));
+    if !beyond {
+        return Ok(());
+    }
+    let gaps = archive::gaps(repo, &listing, m.timeline, Lsn((stop_seg + 1) * seg), seg)?;
+    let Some(first) = gaps.first() else { return Ok(()) };
+    match target {
+        RecoveryTarget::Lsn(l) => match gaps.iter().find(|g| g.first_segment <= l.segment(seg)) {
+            Some(g) => Err(Error::Conflict(format!(
+                "recovery to {l} from backup {} cannot finish: {}; restore to an earlier target",
+                m.backup_id, g.text
+            ))),
+            None => Ok(()),
+        },
+        RecoveryTarget::EndOfWal => Err(Error::Conflict(format!(
+            "recovery to the end of the archive from backup {} would stop silently at a gap: {}; give a target before it",
+            m.backup_id, first.text
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Writes the file `path` of backup `id` to `dest`, checked against its
@@ -642,9 +722,15 @@ fn write_recovery_files(target: &Path, locations: &[(u32, String)], m: &Manifest
         RecoveryTarget::Immediate => conf += "recovery_target = 'immediate'\n",
         RecoveryTarget::Time(t) => conf += &format!("recovery_target_time = {}\n", quote_setting(t)),
         RecoveryTarget::Lsn(l) => conf += &format!("recovery_target_lsn = '{l}'\n"),
+        RecoveryTarget::Xid(x) => conf += &format!("recovery_target_xid = {}\n", quote_setting(x)),
+        RecoveryTarget::Name(n) => conf += &format!("recovery_target_name = {}\n", quote_setting(n)),
     }
     if opts.recovery_target != RecoveryTarget::EndOfWal {
-        conf += "recovery_target_action = 'promote'\n";
+        let action = opts.target_action.as_deref().unwrap_or("promote");
+        conf += &format!("recovery_target_action = {}\n", quote_setting(action));
+    }
+    if let Some(t) = &opts.target_timeline {
+        conf += &format!("recovery_target_timeline = {}\n", quote_setting(t));
     }
     write("postgresql.auto.conf", conf.as_bytes(), true)
 }

@@ -50,6 +50,53 @@ pub fn parse_iso8601(s: &str) -> Option<u64> {
     parse_compact(&compact)
 }
 
+/// Seconds since the epoch of a timestamp as PostgreSQL's
+/// `recovery_target_time` takes it: `YYYY-MM-DD HH:MM:SS[.fraction]`
+/// (or with `T`), then `Z`, `UTC`, `+HH`, `+HHMM`, `+HH:MM` or `-...`;
+/// without a zone, UTC.
+pub fn parse_timestamp(s: &str) -> Option<f64> {
+    let s = s.trim();
+    if s.len() < 19 {
+        return None;
+    }
+    let (date, rest) = s.split_at(10);
+    let b = date.as_bytes();
+    if b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let rest = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('T'))?;
+    let (clock, zone) = rest.split_at(8.min(rest.len()));
+    let c = clock.as_bytes();
+    if c.len() != 8 || c[2] != b':' || c[5] != b':' {
+        return None;
+    }
+    let compact: String =
+        [&date[0..4], &date[5..7], &date[8..10], "T", &clock[0..2], &clock[3..5], &clock[6..8]].concat();
+    let mut secs = parse_compact(&compact)? as f64;
+    let mut zone = zone;
+    if let Some(frac) = zone.strip_prefix('.') {
+        let end = frac.find(|c: char| !c.is_ascii_digit()).unwrap_or(frac.len());
+        secs += format!("0.{}", &frac[..end]).parse::<f64>().ok()?;
+        zone = &frac[end..];
+    }
+    let zone = zone.trim();
+    let offset = match zone {
+        "" | "Z" | "UTC" | "GMT" | "+00" | "-00" => 0.0,
+        z if z.starts_with('+') || z.starts_with('-') => {
+            let sign = if z.starts_with('-') { -1.0 } else { 1.0 };
+            let digits: String = z[1..].chars().filter(|c| *c != ':').collect();
+            let (h, m) = match digits.len() {
+                2 => (digits.parse::<f64>().ok()?, 0.0),
+                4 => (digits[..2].parse::<f64>().ok()?, digits[2..].parse::<f64>().ok()?),
+                _ => return None,
+            };
+            sign * (h * 3600.0 + m * 60.0)
+        }
+        _ => return None,
+    };
+    Some(secs - offset)
+}
+
 /// `20261127T031500` — the stamp a backup id starts with.
 pub fn compact(t: SystemTime) -> String {
     let (y, mo, d, h, mi, s) = utc_parts(t);
@@ -77,6 +124,11 @@ mod tests {
         assert_eq!(parse_compact("20000229T000000"), Some(951_782_400));
         assert_eq!(parse_iso8601("2026-11-27T03:15:00Z"), Some(1_795_749_300));
         assert_eq!(parse_iso8601("2026-11-27 03:15:00"), None);
+        assert_eq!(parse_timestamp("2026-11-27 03:15:00"), Some(1_795_749_300.0));
+        assert_eq!(parse_timestamp("2026-11-27 04:15:00+01"), Some(1_795_749_300.0));
+        assert_eq!(parse_timestamp("2026-11-27T03:15:00.5Z"), Some(1_795_749_300.5));
+        assert_eq!(parse_timestamp("2026-11-26 22:45:00-04:30"), Some(1_795_749_300.0));
+        assert_eq!(parse_timestamp("yesterday"), None);
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(iso8601(leap), "2000-02-29T00:00:00Z");
     }

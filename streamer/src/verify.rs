@@ -325,7 +325,7 @@ pub struct Problem {
 }
 
 /// The checks `verify` and `validate_backup` run, in order.
-pub const CHECKS: [&str; 6] = ["manifest", "chain", "chunks", "files", "wal", "page checksums"];
+pub const CHECKS: [&str; 7] = ["manifest", "chain", "chunks", "files", "wal", "page checksums", "archive"];
 
 /// What verifying one backup found.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -486,6 +486,24 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
                 c.path, c.block, m.backup_id, c.stored, c.computed
             ),
         ));
+    }
+    // The archive, when there is one: continuous from this backup's end to
+    // the newest archived segment, along the timelines after it.
+    let seg = m.wal_segment_size;
+    let stop_seg = m.stop_lsn.previous_segment(seg);
+    match crate::archive::list(repo, seg) {
+        Ok(listing) if listing.segments.iter().any(|(t, s)| *t >= m.timeline && s.iter().any(|&n| n > stop_seg)) => {
+            match crate::archive::gaps(repo, &listing, m.timeline, crate::lsn::Lsn((stop_seg + 1) * seg), seg) {
+                Ok(gaps) => {
+                    for g in gaps {
+                        check.problems.push(problem("archive", format!("{} (after backup {})", g.text, m.backup_id)));
+                    }
+                }
+                Err(e) => check.problems.push(problem("archive", e.to_string())),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => check.problems.push(problem("archive", e.to_string())),
     }
     check.secs = began.elapsed().as_secs_f64();
     check

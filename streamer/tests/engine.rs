@@ -144,3 +144,76 @@ fn full_incremental_and_chain_restore_round_trip() {
     assert!(target.join("backup_label").exists() && target.join("recovery.signal").exists());
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// A WAL segment as PostgreSQL writes one: a long page header naming the
+/// system and the segment size, then content.
+fn fake_segment(sysid: u64, seg_size: u32, fill: u8) -> Vec<u8> {
+    let mut s = vec![fill; seg_size as usize];
+    s[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    s[2..4].copy_from_slice(&0x0002u16.to_le_bytes());
+    s[24..32].copy_from_slice(&sysid.to_le_bytes());
+    s[32..36].copy_from_slice(&seg_size.to_le_bytes());
+    s
+}
+
+/// The WAL archive without a server: pushes round-trip; the same content
+/// again is success, other content and another system's segment are refused
+/// keeping the archived copy; a missing segment is a named gap; a timeline's
+/// history leads the search to its parent; pruning keeps what a backup needs.
+#[test]
+fn archive_push_fetch_gaps_and_prune() {
+    use blockstream::archive::{self, Pushed};
+    use blockstream::codec::Compression;
+    use blockstream::lsn::{wal_file_name, Lsn};
+    let base = scratch("archive");
+    let seg: u32 = 1 << 20;
+    let repo = Repo::open_or_create(&base.join("repo"), 42, 150000).unwrap();
+    let zstd = Compression::Zstd { level: 3 };
+    let push = |name: &str, bytes: &[u8]| {
+        let p = base.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        archive::push(&repo, &p, name, zstd)
+    };
+    for n in 1..=6u64 {
+        if n != 4 {
+            let name = wal_file_name(1, n, seg as u64);
+            assert!(matches!(push(&name, &fake_segment(42, seg, n as u8)).unwrap(), Pushed::Stored { .. }), "{name}");
+        }
+    }
+    let two = wal_file_name(1, 2, seg as u64);
+    assert_eq!(archive::fetch(&repo, &two).unwrap().unwrap(), fake_segment(42, seg, 2));
+    assert_eq!(push(&two, &fake_segment(42, seg, 2)).unwrap(), Pushed::AlreadyThere);
+    let stored = std::fs::read(base.join("repo").join(archive::relative_path(&two).unwrap())).unwrap();
+    let err = push(&two, &fake_segment(42, seg, 99)).unwrap_err().to_string();
+    assert!(
+        err.contains("is already archived with other content") && err.contains("the archived copy is kept"),
+        "{err}"
+    );
+    let err = push(&wal_file_name(1, 7, seg as u64), &fake_segment(43, seg, 7)).unwrap_err().to_string();
+    assert!(err.contains("43") && err.contains("42"), "another system's segment: {err}");
+    assert_eq!(std::fs::read(base.join("repo").join(archive::relative_path(&two).unwrap())).unwrap(), stored);
+    assert!(archive::fetch(&repo, &wal_file_name(1, 4, seg as u64)).unwrap().is_none());
+    // A gap at segment 4, named.
+    let listing = archive::list(&repo, seg as u64).unwrap();
+    let gaps = archive::gaps(&repo, &listing, 1, Lsn(seg as u64), seg as u64).unwrap();
+    assert_eq!(gaps.len(), 1, "{:?}", gaps.iter().map(|g| &g.text).collect::<Vec<_>>());
+    assert_eq!((gaps[0].first_segment, gaps[0].last_segment), (4, 4));
+    assert!(gaps[0].text.contains(&wal_file_name(1, 4, seg as u64)), "{}", gaps[0].text);
+    // Timeline 2 forks from 1 in segment 5: the path runs through 1 up to the fork.
+    assert!(matches!(
+        push("00000002.history", b"1\t0/500ABC\tno recovery target specified\n").unwrap(),
+        Pushed::Stored { .. }
+    ));
+    for n in 5..=8u64 {
+        push(&wal_file_name(2, n, seg as u64), &fake_segment(42, seg, 50 + n as u8)).unwrap();
+    }
+    let listing = archive::list(&repo, seg as u64).unwrap();
+    let gaps = archive::gaps(&repo, &listing, 2, Lsn(5 * seg as u64), seg as u64).unwrap();
+    assert!(gaps.is_empty(), "{:?}", gaps.iter().map(|g| &g.text).collect::<Vec<_>>());
+    // Pruning for a backup that starts in segment 5 removes 1..3 and keeps the rest.
+    let removed = blockstream::expire::prune_archive(&repo, Lsn(5 * seg as u64), seg as u64, false).unwrap();
+    assert_eq!(removed.len(), 3, "{removed:?}");
+    assert!(archive::fetch(&repo, &wal_file_name(1, 3, seg as u64)).unwrap().is_none());
+    assert!(archive::fetch(&repo, &wal_file_name(1, 5, seg as u64)).unwrap().is_some());
+    assert!(archive::fetch(&repo, "00000002.history").unwrap().is_some());
+}

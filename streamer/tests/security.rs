@@ -103,7 +103,7 @@ fn sql_paths_are_checked_and_hostile_repositories_fail_cleanly() {
     let err = sql_as(&c, "grantee", &validate_sql(&allowed.join("absent"))).unwrap_err();
     assert!(err.contains("58P01") && err.contains("does not exist"), "{err}");
     let rows = sql_as(&c, "grantee", &validate_sql(&repo)).unwrap();
-    assert!(rows.lines().count() == 7 && rows.lines().all(|l| l.contains(": true: ")), "{rows}");
+    assert!(rows.lines().count() == 8 && rows.lines().all(|l| l.contains(": true: ")), "{rows}");
 
     // A chunk that claims 2^50 raw bytes (Rust would abort the backend allocating it).
     let raw = allowed.join("raw");

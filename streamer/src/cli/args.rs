@@ -34,6 +34,16 @@ pub enum Command {
     Drill(DrillArgs),
     /// Fetch a WAL file from the repository (for restore_command)
     ArchiveGet(ArchiveGetArgs),
+    /// Archive a WAL file into the repository (for archive_command)
+    ArchivePush(ArchivePushArgs),
+    /// Stream WAL into the repository's archive over the replication protocol
+    WalReceive(WalReceiveArgs),
+    /// The asynchronous pusher archive-push --async starts (not for direct use)
+    #[command(hide = true)]
+    ArchivePushDaemon(DaemonArgs),
+    /// The prefetcher archive-get --prefetch starts (not for direct use)
+    #[command(hide = true)]
+    ArchiveGetDaemon(DaemonArgs),
     /// Print Prometheus metrics of a repository (for node_exporter's textfile collector)
     Metrics(MetricsArgs),
     /// Remove backups a retention policy lets go (and nothing a kept backup needs)
@@ -172,7 +182,7 @@ pub struct BackupArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target"])))]
+#[command(group(clap::ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
 pub struct RestoreArgs {
     /// Repository directory
     #[arg(long, value_name = "DIR")]
@@ -201,9 +211,24 @@ pub struct RestoreArgs {
     /// Stop recovery at this LSN
     #[arg(long, value_name = "LSN", value_parser = parse_lsn)]
     pub target_lsn: Option<Lsn>,
+    /// Stop recovery at this transaction id
+    #[arg(long, value_name = "XID")]
+    pub target_xid: Option<String>,
+    /// Stop recovery at this restore point (pg_create_restore_point)
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
     /// Stop recovery as soon as the backup is consistent
     #[arg(long, value_parser = ["immediate"])]
     pub target: Option<String>,
+    /// What the server does at the target
+    #[arg(long, value_parser = ["promote", "pause", "shutdown"], default_value = "promote")]
+    pub target_action: String,
+    /// The timeline to recover along: latest, current or a number
+    #[arg(long, value_name = "TIMELINE")]
+    pub target_timeline: Option<String>,
+    /// Segments archive-get fetches ahead during recovery (0: none)
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub prefetch: usize,
     /// restore_command written for recovery (default: this program's archive-get)
     #[arg(long, value_name = "COMMAND")]
     pub restore_command: Option<String>,
@@ -286,6 +311,12 @@ pub struct ArchiveGetArgs {
     /// Repository directory
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    /// Fetch this many following segments ahead, in parallel, into the spool
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub prefetch: usize,
+    /// Local directory for prefetched segments (default: pg_wal/blockstream_spool)
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
     /// WAL file name (%f)
     pub file: String,
     /// Where to write it (%p)
@@ -346,4 +377,64 @@ pub struct ReportArgs {
     /// Show the retention state under this policy
     #[command(flatten)]
     pub retention: RetentionArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ArchivePushArgs {
+    /// Repository directory (created by the first push when absent)
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// Compression: zstd[:LEVEL] or none
+    #[arg(long = "compress", value_name = "METHOD", value_parser = parse_compression, default_value = "zstd:1")]
+    pub compress: Compression,
+    /// Queue the file in a local spool and return; a background pusher archives it
+    #[arg(long = "async")]
+    pub r#async: bool,
+    /// The spool directory (default: pg_wal/blockstream_spool of the data directory)
+    #[arg(long, value_name = "DIR", default_value = "pg_wal/blockstream_spool")]
+    pub spool: PathBuf,
+    /// Parallel pushers draining the spool
+    #[arg(long, value_name = "N", value_parser = jobs_parser(), default_value_t = 4)]
+    pub workers: usize,
+    /// Largest size of the spool (suffix k, M or G)
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::archive::size_parser, default_value = "4G")]
+    pub max_spool: u64,
+    /// Fail (so PostgreSQL keeps its WAL) when the spool stays full, or WAL waits in it, this many seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub timeout: u64,
+    /// The WAL file (%p)
+    pub path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    #[arg(long, value_name = "DIR")]
+    pub spool: PathBuf,
+    #[arg(long, value_name = "N", value_parser = jobs_parser(), default_value_t = 4)]
+    pub workers: usize,
+    #[arg(long = "compress", value_name = "METHOD", value_parser = parse_compression, default_value = "zstd:1")]
+    pub compress: Compression,
+    /// Prefetch the segments after this one
+    #[arg(long, value_name = "WALFILE")]
+    pub after: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct WalReceiveArgs {
+    /// Repository directory (created when absent)
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Persistent physical replication slot to stream from (created when absent)
+    #[arg(long, value_name = "NAME")]
+    pub slot: Option<String>,
+    /// fsync every write before acknowledging it (to be a synchronous standby)
+    #[arg(long)]
+    pub synchronous: bool,
+    /// application_name to connect with (what synchronous_standby_names names)
+    #[arg(long, value_name = "NAME", default_value = "blockstream_receiver")]
+    pub application_name: String,
 }

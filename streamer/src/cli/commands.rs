@@ -9,13 +9,13 @@ use blockstream::copy::CopyConfig;
 use blockstream::manifest::Manifest;
 use blockstream::progress::Progress;
 use blockstream::repo::Repo;
-use blockstream::restore::{extract_file, run_restore, RecoveryTarget, RestoreOptions};
+use blockstream::restore::{run_restore, RecoveryTarget, RestoreOptions};
 use blockstream::verify::verify_backup;
 use serde_json::json;
 
 use super::args::{
-    ArchiveGetArgs, BackupArgs, BackupKind, Checkpoint, Cli, Command, ExpireArgs, InfoArgs, MetricsArgs, Output,
-    ReportArgs, RestoreArgs, RetentionArgs, VerifyArgs,
+    BackupArgs, BackupKind, Checkpoint, Cli, Command, ExpireArgs, InfoArgs, MetricsArgs, Output, ReportArgs,
+    RestoreArgs, RetentionArgs, VerifyArgs,
 };
 use super::output::{mib, with_progress};
 use super::session::PgSession;
@@ -28,7 +28,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info(a) => info(a),
         Command::Verify(a) => verify(a),
         Command::Drill(a) => super::drill::drill(a),
-        Command::ArchiveGet(a) => archive_get(a),
+        Command::ArchiveGet(a) => super::archive::archive_get(a),
+        Command::ArchivePush(a) => super::archive::archive_push(a),
+        Command::WalReceive(a) => super::receive::wal_receive(a),
+        Command::ArchivePushDaemon(a) => super::archive::push_daemon(a),
+        Command::ArchiveGetDaemon(a) => super::archive::get_daemon(a),
         Command::Metrics(a) => metrics(a),
         Command::Expire(a) => expire(a),
         Command::Report(a) => report(a),
@@ -202,18 +206,30 @@ pub fn shell_quote(s: &str) -> String {
 
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let repo = absolute(&a.repo);
-    let recovery_target = match (&a.target_time, a.target_lsn, &a.target) {
-        (Some(t), _, _) => RecoveryTarget::Time(t.clone()),
-        (_, Some(l), _) => RecoveryTarget::Lsn(l),
-        (_, _, Some(_)) => RecoveryTarget::Immediate,
-        _ => RecoveryTarget::EndOfWal,
+    let recovery_target = if let Some(t) = &a.target_time {
+        RecoveryTarget::Time(t.clone())
+    } else if let Some(l) = a.target_lsn {
+        RecoveryTarget::Lsn(l)
+    } else if let Some(x) = &a.target_xid {
+        RecoveryTarget::Xid(x.clone())
+    } else if let Some(n) = &a.target_name {
+        RecoveryTarget::Name(n.clone())
+    } else if a.target.is_some() {
+        RecoveryTarget::Immediate
+    } else {
+        RecoveryTarget::EndOfWal
     };
     let restore_command = match &a.restore_command {
         Some(c) => Some(c.clone()),
         None => {
             let exe = std::env::current_exe().context("cannot find this program's path for restore_command")?;
+            let prefetch = if a.prefetch > 0 {
+                format!(" --prefetch {} --spool {}", a.prefetch, super::archive::DEFAULT_SPOOL)
+            } else {
+                String::new()
+            };
             Some(format!(
-                "{} archive-get --repo {} %f \"%p\"",
+                "{} archive-get --repo {}{prefetch} %f \"%p\"",
                 shell_quote(&exe.display().to_string()),
                 shell_quote(&repo.display().to_string())
             ))
@@ -229,6 +245,8 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         recovery_target,
         restore_command,
         owner: a.owner.clone(),
+        target_action: Some(a.target_action.clone()),
+        target_timeline: a.target_timeline.clone(),
     };
     let progress = Progress::default();
     let r = with_progress(progress_on(a.progress, a.output), &progress, || run_restore(&opts, &progress))?;
@@ -285,6 +303,23 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         rows.push((id.clone(), repo.load_manifest(&id)));
     }
     let drills = super::drill::last_drills(repo.root());
+    let archive = super::archive::summary(&repo, segment_size(&repo));
+    // What can be recovered: from the end of the oldest backup to the end of
+    // the newest archived segment (or of the newest backup).
+    let oldest = rows.iter().find_map(|(_, m)| m.as_ref().ok());
+    let newest = rows.iter().rev().find_map(|(_, m)| m.as_ref().ok());
+    let archive_end = archive["timelines"].as_array().and_then(|t| {
+        t.iter().filter_map(|t| t["end_lsn"].as_str()).filter_map(|l| l.parse::<blockstream::lsn::Lsn>().ok()).max()
+    });
+    let latest = match (newest.map(|m| m.stop_lsn), archive_end) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let recoverable = json!({
+        "earliest_time": oldest.map(|m| m.stop_time.clone()),
+        "earliest_lsn": oldest.map(|m| m.stop_lsn.to_string()),
+        "latest_lsn": latest.map(|l| l.to_string()),
+    });
     match a.output {
         Output::Json => {
             let backups: Vec<serde_json::Value> = rows
@@ -305,6 +340,8 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                     "system_identifier": repo.info.system_identifier.to_string(),
                     "pg_version_num": repo.info.pg_version_num,
                     "backups": backups,
+                    "archive": archive,
+                    "recoverable": recoverable,
                 }))?
             );
         }
@@ -367,6 +404,20 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+    }
+    if a.output == Output::Text {
+        for t in archive["timelines"].as_array().into_iter().flatten() {
+            println!(
+                "  archive timeline {}: {} segments, {} to {}",
+                t["timeline"],
+                t["segments"],
+                t["first"].as_str().unwrap_or("-"),
+                t["last"].as_str().unwrap_or("-")
+            );
+        }
+        if let (Some(e), Some(l)) = (recoverable["earliest_lsn"].as_str(), recoverable["latest_lsn"].as_str()) {
+            println!("  recoverable from {} ({e}) to {l}", recoverable["earliest_time"].as_str().unwrap_or("?"));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -440,35 +491,29 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     Ok(if problems > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
-fn archive_get(a: ArchiveGetArgs) -> anyhow::Result<ExitCode> {
-    if a.file.is_empty() || a.file.contains('/') || a.file.starts_with('.') {
-        usage_error(format!("invalid WAL file name \"{}\"", a.file));
-    }
-    let repo = Repo::open(&absolute(&a.repo))?;
-    let wanted = format!("pg_wal/{}", a.file);
-    for id in repo.backup_ids()?.iter().rev() {
-        let Ok(m) = repo.load_manifest(id) else { continue };
-        if m.files.iter().any(|f| f.path == wanted && !f.vanished) {
-            extract_file(&repo, id, &wanted, &a.path)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-    }
-    eprintln!("blockstream: archive-get: {} is not in repository {}", a.file, repo.root().display());
-    Ok(ExitCode::from(1))
-}
-
 fn metrics(a: MetricsArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&absolute(&a.repo))?;
     let rows = blockstream::catalog::list(&repo)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let seg = segment_size(&repo);
     let samples = blockstream::metrics::samples(
         &rows,
         blockstream::catalog::repository_bytes(repo.root()),
         now,
         blockstream::metrics::ServerFacts::default(),
+        blockstream::archive::facts(&repo, seg).as_ref(),
     );
     print!("{}", blockstream::metrics::to_text(&samples));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The WAL segment size of the repository's cluster (from its newest backup).
+fn segment_size(repo: &Repo) -> u64 {
+    repo.backup_ids()
+        .ok()
+        .and_then(|ids| ids.last().and_then(|id| repo.load_manifest(id).ok()))
+        .map(|m| m.wal_segment_size)
+        .unwrap_or(16 << 20)
 }
 
 fn policy(r: &RetentionArgs) -> Option<blockstream::expire::Policy> {
@@ -506,6 +551,10 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
             r
         })?,
     };
+    let wal = match blockstream::expire::oldest_kept(&repo, &decisions) {
+        Some((start, seg)) => blockstream::expire::prune_archive(&repo, start, seg, a.dry_run)?,
+        None => Vec::new(),
+    };
     let after = blockstream::catalog::repository_bytes(repo.root());
     match a.output {
         Output::Json => println!(
@@ -514,6 +563,7 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
                 "dry_run": a.dry_run,
                 "decisions": decisions,
                 "removed": removed,
+                "archived_wal_removed": wal,
                 "repository_bytes_before": before,
                 "repository_bytes_after": after,
             }))?
@@ -528,9 +578,15 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
                 println!("{} {what}: {}", d.backup_id, d.reason);
             }
             if a.dry_run {
-                println!("dry run: {doomed} backups would be removed");
+                println!("dry run: {doomed} backups and {} archived WAL files would be removed", wal.len());
             } else {
-                println!("removed {} backups; repository {} -> {}", removed.len(), mib(before), mib(after));
+                println!(
+                    "removed {} backups and {} archived WAL files; repository {} -> {}",
+                    removed.len(),
+                    wal.len(),
+                    mib(before),
+                    mib(after)
+                );
             }
         }
     }

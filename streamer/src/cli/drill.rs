@@ -222,6 +222,8 @@ fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()
             shell_quote(&d.repo.display().to_string())
         )),
         owner: None,
+        target_action: None,
+        target_timeline: None,
     };
     let progress = Progress::default();
     let t = Instant::now();

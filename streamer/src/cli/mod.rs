@@ -3,11 +3,13 @@
 //! [`output`] prints the result. Bad flags end with exit code 2, the error and
 //! a usage line; failures of the work itself end with exit code 1.
 
+mod archive;
 mod args;
 mod commands;
 mod drill;
 mod output;
 mod pq;
+mod receive;
 mod session;
 
 use std::process::ExitCode;

@@ -155,6 +155,12 @@ impl Conn {
 
     /// Runs a script of one or more statements (simple query protocol).
     pub fn batch(&mut self, sql: &str) -> Result<(), DbError> {
+        self.simple(sql).map(|_| ())
+    }
+
+    /// Runs one statement with the simple query protocol, the only one a
+    /// replication connection speaks; returns the rows of its last result.
+    pub fn simple(&mut self, sql: &str) -> Result<Rows, DbError> {
         let csql = CString::new(sql).map_err(|_| DbError {
             sqlstate: None,
             message: "script contains a NUL byte".into(),
@@ -163,7 +169,7 @@ impl Conn {
         })?;
         // SAFETY: a live connection and a NUL-terminated script.
         let res = unsafe { pq::PQexec(self.raw, csql.as_ptr()) };
-        self.collect(res).map(|_| ())
+        self.collect(res)
     }
 
     fn collect(&mut self, res: *mut pq::PGresult) -> Result<Rows, DbError> {
@@ -205,6 +211,108 @@ impl Conn {
         // SAFETY: as above.
         unsafe { pq::PQclear(res) };
         out
+    }
+}
+
+/// One message of a COPY BOTH stream (streaming replication).
+pub enum Copy {
+    Data(Vec<u8>),
+    /// Nothing arrived within the wait.
+    Idle,
+    /// The server ended the stream.
+    End,
+}
+
+impl Conn {
+    /// Sends a command that switches to COPY BOTH (START_REPLICATION).
+    pub fn start_copy_both(&mut self, sql: &str) -> Result<(), DbError> {
+        let csql = CString::new(sql).map_err(|_| DbError {
+            sqlstate: None,
+            message: "command contains a NUL byte".into(),
+            detail: None,
+            hint: None,
+        })?;
+        // SAFETY: a live connection and a NUL-terminated command.
+        let res = unsafe { pq::PQexec(self.raw, csql.as_ptr()) };
+        // SAFETY: res is a result libpq returned (or NULL); cleared once.
+        let status = unsafe {
+            if res.is_null() {
+                None
+            } else {
+                Some(pq::PQresultStatus(res))
+            }
+        };
+        if status == Some(pq::ExecStatusType::PGRES_COPY_BOTH) {
+            // SAFETY: as above.
+            unsafe { pq::PQclear(res) };
+            return Ok(());
+        }
+        self.collect(res).map(|_| ()).and(Err(DbError {
+            sqlstate: None,
+            message: format!("\"{sql}\" did not start a replication stream"),
+            detail: None,
+            hint: None,
+        }))
+    }
+
+    /// The next message of the stream, waiting up to `wait` for one.
+    pub fn get_copy(&mut self, wait: std::time::Duration) -> Result<Copy, String> {
+        let error = |c: &Conn| {
+            // SAFETY: a live connection.
+            text(unsafe { pq::PQerrorMessage(c.raw) }).unwrap_or_default().trim().to_string()
+        };
+        loop {
+            let mut buf: *mut c_char = ptr::null_mut();
+            // SAFETY: libpq allocates the buffer; we free it with PQfreemem.
+            let n = unsafe { pq::PQgetCopyData(self.raw, &mut buf, 1) };
+            if n > 0 {
+                // SAFETY: buf holds n bytes.
+                let data = unsafe { std::slice::from_raw_parts(buf as *const u8, n as usize) }.to_vec();
+                // SAFETY: as above.
+                unsafe { pq::PQfreemem(buf.cast()) };
+                return Ok(Copy::Data(data));
+            }
+            if n == -1 {
+                // SAFETY: drain the final result of the COPY.
+                unsafe {
+                    let res = pq::PQgetResult(self.raw);
+                    if !res.is_null() {
+                        pq::PQclear(res);
+                    }
+                }
+                return Ok(Copy::End);
+            }
+            if n == -2 {
+                return Err(error(self));
+            }
+            // n == 0: nothing buffered; wait for the socket.
+            // SAFETY: poll on libpq's own socket.
+            let ready = unsafe {
+                let mut fds = libc::pollfd { fd: pq::PQsocket(self.raw), events: libc::POLLIN, revents: 0 };
+                libc::poll(&mut fds, 1, wait.as_millis() as i32)
+            };
+            if ready == 0 {
+                return Ok(Copy::Idle);
+            }
+            // SAFETY: a live connection.
+            if unsafe { pq::PQconsumeInput(self.raw) } == 0 {
+                return Err(error(self));
+            }
+        }
+    }
+
+    /// Sends one message of the stream and flushes it.
+    pub fn put_copy(&mut self, data: &[u8]) -> Result<(), String> {
+        // SAFETY: data outlives the call; flush blocks until sent.
+        let ok = unsafe {
+            pq::PQputCopyData(self.raw, data.as_ptr().cast(), data.len() as i32) == 1 && pq::PQflush(self.raw) == 0
+        };
+        if ok {
+            Ok(())
+        } else {
+            // SAFETY: a live connection.
+            Err(text(unsafe { pq::PQerrorMessage(self.raw) }).unwrap_or_default().trim().to_string())
+        }
     }
 }
 

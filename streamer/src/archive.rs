@@ -201,13 +201,17 @@ pub fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<(Header, Vec
     let mut raw = Vec::new();
     let c = if h.compressed { Compression::Zstd { level: 1 } } else { Compression::None };
     if h.raw_len > crate::manifest::limits::CHUNK_RAW {
-        // A 1 GB segment: one frame, decompressed in one go.
-        zstd::bulk::Decompressor::new()
-            .and_then(|mut d| {
-                raw.reserve(h.raw_len as usize);
-                d.decompress_to_buffer(&bytes[HEADER_LEN..], &mut raw)
-            })
-            .map_err(|e| Error::Corrupt(format!("archived WAL file \"{what}\" does not decompress: {e}")))?;
+        // A segment larger than a chunk (up to 1 GB): streamed, so memory
+        // follows what the frame really holds, never the header's claim,
+        // and reading stops one byte past it.
+        use std::io::Read;
+        let body = &bytes[HEADER_LEN..];
+        let result = if h.compressed {
+            zstd::stream::read::Decoder::with_buffer(body).and_then(|d| d.take(h.raw_len + 1).read_to_end(&mut raw))
+        } else {
+            body.take(h.raw_len + 1).read_to_end(&mut raw)
+        };
+        result.map_err(|e| Error::Corrupt(format!("archived WAL file \"{what}\" does not decompress: {e}")))?;
     } else {
         Decompressor::new(c)?.decompress(&bytes[HEADER_LEN..], h.raw_len as usize, &mut raw, what)?;
     }

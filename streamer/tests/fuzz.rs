@@ -588,3 +588,48 @@ fn pg_control() {
         },
     );
 }
+
+// ---- archived WAL files ------------------------------------------------------------
+
+#[test]
+fn archived_wal_file() {
+    use blockstream::archive;
+    let wal: Vec<u8> = (0..65_536u32).map(|i| if i % 512 < 40 { (i * 31) as u8 } else { 0 }).collect();
+    let seed = archive::encode("000000010000000000000003", 42, &wal, Compression::Zstd { level: 3 }).unwrap();
+    assert_eq!(archive::decode(&seed, &"seed").unwrap().1, wal);
+    let history = b"1\t0/3000060\tno recovery target specified\n2\t0/5000100\tat restore point \"a\"\n";
+    let mut r = rng(6);
+    run(
+        "archived WAL file",
+        iterations(),
+        |_| {
+            let mut b = mutate(&mut r, &seed);
+            if b.len() >= 128 && r.chance(2) {
+                if r.chance(2) {
+                    // A header that claims another raw length, up to past the largest segment.
+                    let claim = r.interesting() % (archive::MAX_RAW + 2);
+                    b[16..24].copy_from_slice(&claim.to_le_bytes());
+                }
+                let crc = crc32c(&b[..124]);
+                b[124..128].copy_from_slice(&crc.to_le_bytes());
+            }
+            b
+        },
+        // Up to one chunk's worth is sized by the (bounded) header; past it,
+        // memory follows what the frame really decompresses to.
+        |len| (limits::CHUNK_RAW as usize + 64).max(64 * len),
+        |b| {
+            let _ = archive::decode(b, &"fuzz");
+            let _ = archive::parse_history(&String::from_utf8_lossy(b));
+        },
+    );
+    run(
+        "timeline history",
+        iterations(),
+        |_| mutate(&mut r, history),
+        |len| 8 * len + 4096,
+        |b| {
+            let _ = archive::parse_history(&String::from_utf8_lossy(b));
+        },
+    );
+}

@@ -390,7 +390,7 @@ pub struct ArchivePushArgs {
     /// Queue the file in a local spool and return; a background pusher archives it
     #[arg(long = "async")]
     pub r#async: bool,
-    /// The spool directory (default: pg_wal/blockstream_spool of the data directory)
+    /// The spool directory, relative to the data directory (where archive_command runs)
     #[arg(long, value_name = "DIR", default_value = "pg_wal/blockstream_spool")]
     pub spool: PathBuf,
     /// Parallel pushers draining the spool

@@ -60,4 +60,7 @@ cargo test --release -p blockstream --test pitr -- --test-threads=1
 step "benchmark harness, quick mode (keeps bench/ from rotting; figures come from the full run)"
 python3 bench/bench.py --quick
 
+step "WAL archive benchmark, quick mode (push, PITR and RPO against pgBackRest)"
+python3 bench/archive.py --quick
+
 step "all tests passed"

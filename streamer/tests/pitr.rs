@@ -185,6 +185,16 @@ fn async_push_loses_nothing() {
     let status: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(repo.join("archive/push-status.json")).unwrap()).unwrap();
     assert_eq!(status["push_failures"], 0, "{status}");
+    // The pusher's status, in info, comes to nothing queued.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = bs_ok(&["info", "--repo", path(&repo)]);
+        if info.contains("async push lag: 0 files, 0 bytes queued") {
+            break;
+        }
+        assert!(Instant::now() < until, "{info}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let segments = std::fs::read_dir(repo.join("archive/00000001")).unwrap().count();
     assert!(segments >= 8, "only {segments} segments archived");
     bs_ok(&["verify", "--repo", path(&repo)]);

@@ -416,6 +416,16 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 t["last"].as_str().unwrap_or("-")
             );
         }
+        let status = &archive["push_status"];
+        if let Some(time) = status["time"].as_str() {
+            println!(
+                "  async push lag: {} files, {} bytes queued, the oldest waiting {:.1} s; {} failures (at {time})",
+                status["queue_files"],
+                status["queue_bytes"],
+                status["queue_oldest_secs"].as_f64().unwrap_or(0.0),
+                status["push_failures"]
+            );
+        }
         if let (Some(e), Some(l)) = (recoverable["earliest_lsn"].as_str(), recoverable["latest_lsn"].as_str()) {
             println!("  recoverable from {} ({e}) to {l}", recoverable["earliest_time"].as_str().unwrap_or("?"));
         }

@@ -133,10 +133,12 @@ class ArchiveBench:
         sync_conf = pgbr_conf("push-sync", data, pgbr_repo)
         async_conf = pgbr_conf("push-async", data, pgbr_repo, spool=pgbr_spool, workers=4)
         configs = [
-            ("blockstream archive-push (zstd:1, the default)", "bs",
+            ("blockstream archive-push (defaults: zstd:1)", "bs",
              f"{BS} archive-push --repo {bs_repo} %p"),
-            ("blockstream archive-push --compress zstd:3", "bs",
-             f"{BS} archive-push --repo {bs_repo} --compress zstd:3 %p"),
+            ("blockstream archive-push --compress zstd:3 --threads 2", "bs",
+             f"{BS} archive-push --repo {bs_repo} --compress zstd:3 --threads 2 %p"),
+            ("blockstream archive-push --compress zstd:3 --threads 1", "bs",
+             f"{BS} archive-push --repo {bs_repo} --compress zstd:3 --threads 1 %p"),
             ("blockstream archive-push --async --workers 4 --compress zstd:3", "bs",
              f"{BS} archive-push --repo {bs_repo} --compress zstd:3 --async --workers 4 --spool {bs_spool} %p"),
             ("pgBackRest 2.45 archive-push (zst:3)", "pgbr",
@@ -187,12 +189,13 @@ class ArchiveBench:
             m = median(results[name])
             rows.append(f"| {name} | {len(segs) / m:.1f} | {raw_mb / m:.0f} | "
                         f"{', '.join(f'{x:.2f}' for x in results[name])} | {sizes[name] / 2**20:.0f} MiB |")
-        base_sync = median(results[configs[3][0]])
-        base_async = median(results[configs[4][0]])
+        base_sync = median(results[configs[4][0]])
+        base_async = median(results[configs[5][0]])
         rows.append("")
-        rows.append(f"Ratios: blockstream sync (zstd:3) vs pgBackRest sync: "
-                    f"{base_sync / median(results[configs[1][0]]):.2f}x; blockstream async vs pgBackRest async: "
-                    f"{base_async / median(results[configs[2][0]]):.2f}x (above 1: blockstream faster).")
+        rows.append(f"Ratios to pgBackRest (above 1: blockstream faster): sync zstd:3, 2 threads "
+                    f"{base_sync / median(results[configs[1][0]]):.2f}x, 1 thread "
+                    f"{base_sync / median(results[configs[2][0]]):.2f}x; async, 4 workers each "
+                    f"{base_async / median(results[configs[3][0]]):.2f}x.")
         self.out.append((f"Archive push: {len(segs)} segments of pgbench WAL, {a.reps} runs each, "
                          "PostgreSQL's archiver driving each tool", rows))
 

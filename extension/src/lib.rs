@@ -224,53 +224,31 @@ fn status() -> TableIterator<
 }
 
 /// WAL waiting to be archived, as the server's files show it: segments
-/// marked `.ready` in `pg_wal/archive_status`, and what `archive-push
-/// --async` queued in its default spool (`pg_wal/blockstream_spool`) and has
-/// not pushed yet, with the age of the oldest and the pusher's last error.
-/// `blocktrack.archive_status()` joins it with `pg_stat_archiver`.
+/// marked `.ready` in `pg_wal/archive_status` (with `archive-push --async`
+/// too: its pusher archives from that queue), the age of the oldest, and
+/// the asynchronous pusher's last error in its default spool
+/// (`pg_wal/blockstream_spool`). `blocktrack.archive_status()` joins it with
+/// `pg_stat_archiver`.
 #[pg_extern(volatile, parallel_safe)]
-#[allow(clippy::type_complexity)]
 fn archive_queue() -> TableIterator<
     'static,
-    (
-        name!(ready_segments, i64),
-        name!(ready_oldest_age_seconds, Option<f64>),
-        name!(spool_segments, Option<i64>),
-        name!(spool_bytes, Option<i64>),
-        name!(spool_oldest_age_seconds, Option<f64>),
-        name!(spool_error, Option<String>),
-    ),
+    (name!(ready_segments, i64), name!(ready_oldest_age_seconds, Option<f64>), name!(spool_error, Option<String>)),
 > {
     // Relative to the data directory, the backend's working directory.
-    let age = |m: &std::fs::Metadata| m.modified().ok().and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64());
     let (mut ready, mut ready_age) = (0i64, None::<f64>);
     for e in std::fs::read_dir("pg_wal/archive_status").into_iter().flatten().flatten() {
         if e.file_name().to_string_lossy().ends_with(".ready") {
             ready += 1;
-            if let Some(a) = e.metadata().ok().as_ref().and_then(age) {
+            let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if let Some(a) = age.map(|d| d.as_secs_f64()) {
                 ready_age = Some(ready_age.map_or(a, |b: f64| b.max(a)));
             }
         }
     }
-    let spool = std::path::Path::new("pg_wal/blockstream_spool");
-    let (mut n, mut bytes, mut oldest) = (None::<i64>, None::<i64>, None::<f64>);
-    if let Ok(dir) = std::fs::read_dir(spool.join("out")) {
-        let (mut c, mut b) = (0i64, 0i64);
-        for e in dir.flatten() {
-            if e.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let Ok(m) = e.metadata() else { continue };
-            c += 1;
-            b += m.len() as i64;
-            if let Some(a) = age(&m) {
-                oldest = Some(oldest.map_or(a, |o: f64| o.max(a)));
-            }
-        }
-        (n, bytes) = (Some(c), Some(b));
-    }
-    let error = std::fs::read_to_string(spool.join("out.error")).ok().map(|s| s.trim().chars().take(1000).collect());
-    TableIterator::once((ready, ready_age, n, bytes, oldest, error))
+    let error = std::fs::read_to_string("pg_wal/blockstream_spool/out.error")
+        .ok()
+        .map(|s| s.trim().chars().take(1000).collect());
+    TableIterator::once((ready, ready_age, error))
 }
 
 /// The summary files, oldest first; `is_gap` marks ranges whose changes are unknown.

@@ -17,6 +17,6 @@ SELECT try($$SELECT * FROM blocktrack.metrics(NULL)$$);
 SELECT try($$SELECT blocktrack.progress_report('upload', 'copy')$$);
 SELECT blocktrack.cancel_backup();
 -- Archive health from the server (archiving is off in this cluster):
--- nothing archived, nothing waiting, no spool.
-SELECT archive_mode, archived_count, failed_count, ready_segments, spool_segments, lag_bytes, lag_seconds, spool_error
+-- nothing archived, nothing waiting, no pusher error.
+SELECT archive_mode, archived_count, failed_count, ready_segments, lag_bytes, lag_seconds, async_push_error
 FROM blocktrack.archive_status();

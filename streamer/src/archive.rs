@@ -177,14 +177,37 @@ pub fn decode_header(b: &[u8], total_len: u64, what: &dyn std::fmt::Display) -> 
 
 /// The bytes of an archived file for `raw`.
 pub fn encode(name: &str, system_identifier: u64, raw: &[u8], compression: Compression) -> Result<Vec<u8>> {
+    encode_with(name, system_identifier, raw, compression, 1)
+}
+
+/// [`encode`], compressing with `threads` threads while another thread
+/// hashes: one segment at a time uses every core.
+pub fn encode_with(
+    name: &str,
+    system_identifier: u64,
+    raw: &[u8],
+    compression: Compression,
+    threads: usize,
+) -> Result<Vec<u8>> {
     let mut stored = Vec::new();
     let compressed = !matches!(compression, Compression::None);
-    Compressor::new(compression)?.compress(raw, &mut stored)?;
+    let mut compressor = Compressor::with_threads(compression, threads)?;
+    let raw_sha256 = if raw.len() >= 1 << 20 {
+        std::thread::scope(|s| {
+            let hash = s.spawn(|| sha256(raw));
+            let done = compressor.compress(raw, &mut stored);
+            let digest = hash.join().expect("the hashing thread does not panic");
+            done.map(|_| digest)
+        })?
+    } else {
+        compressor.compress(raw, &mut stored)?;
+        sha256(raw)
+    };
     let h = Header {
         system_identifier,
         raw_len: raw.len() as u64,
         stored_len: stored.len() as u64,
-        raw_sha256: sha256(raw),
+        raw_sha256,
         compressed,
         name: name.into(),
     };
@@ -263,6 +286,11 @@ pub enum Pushed {
 /// atomically and durably; the same content again is success, other content
 /// is refused (the archived copy is kept).
 pub fn push(repo: &Repo, source: &Path, name: &str, compression: Compression) -> Result<Pushed> {
+    push_with(repo, source, name, compression, 1)
+}
+
+/// [`push`], compressing with `threads` threads.
+pub fn push_with(repo: &Repo, source: &Path, name: &str, compression: Compression, threads: usize) -> Result<Pushed> {
     let kind = WalFile::parse(name).ok_or_else(|| Error::Usage(format!("\"{name}\" is not the name of a WAL file")))?;
     let raw = safe_fs::read_regular(source, MAX_RAW)?;
     let sysid = repo.info.system_identifier;
@@ -292,7 +320,7 @@ pub fn push(repo: &Repo, source: &Path, name: &str, compression: Compression) ->
     if let Some(h) = existing_header(repo, &rel)? {
         return same_or_refuse(&h, &raw, &path);
     }
-    let bytes = encode(name, sysid, &raw, compression)?;
+    let bytes = encode_with(name, sysid, &raw, compression, threads)?;
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut f = safe_fs::create_new(&tmp, safe_fs::FILE_MODE)?;
     let written = f.write_all(&bytes).and_then(|_| f.sync_all());

@@ -75,6 +75,18 @@ impl Compressor {
         Ok(Compressor { zstd })
     }
 
+    /// The same, compressing each input with `threads` threads (zstd's
+    /// own multithreading; the frame is an ordinary one). For one large
+    /// input at a time, like a WAL segment pushed by archive_command.
+    pub fn with_threads(c: Compression, threads: usize) -> Result<Self> {
+        let mut me = Compressor::new(c)?;
+        if let (Some(z), true) = (&mut me.zstd, threads > 1) {
+            z.set_parameter(zstd::zstd_safe::CParameter::NbWorkers(threads.min(16) as u32))
+                .map_err(|e| Error::Usage(format!("could not use {threads} zstd threads: {e}")))?;
+        }
+        Ok(me)
+    }
+
     /// Compresses `raw` into `out` (cleared first).
     pub fn compress(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<()> {
         out.clear();

@@ -1,11 +1,12 @@
 //! Continuous archiving and point-in-time recovery on real clusters:
-//! `archive_command = blockstream archive-push` (synchronous and
-//! asynchronous), restores to a time, an LSN, a restore point, a
-//! transaction and the end of the archive, each checked by data; a second
-//! PITR on the timeline the first one made; a gap in the archive; a push of
-//! other content under an archived name; archive health from the server
-//! (`blocktrack.archive_status()`); `wal-receive` as a synchronous standby
-//! keeping every acknowledged commit when the primary is lost.
+//! `archive_command = blockstream archive-push` (synchronous, asynchronous,
+//! and asynchronous into a repository it cannot reach); restores to a time,
+//! an LSN, a restore point, a transaction and the end of the archive, each
+//! checked by data; a second PITR on the timeline the first one made; a gap
+//! in the archive; a push of other content under an archived name; archive
+//! health from the server (`blocktrack.archive_status()`); `wal-receive` as
+//! a synchronous standby keeping every acknowledged commit when the primary
+//! is lost.
 //!
 //! Run as root with pg_blocktrack installed:
 //! `cargo test --release -p blockstream --test pitr -- --test-threads=1`.
@@ -172,14 +173,17 @@ fn async_push_loses_nothing() {
     assert!(load.wait().unwrap().success());
     let end = mark(&c, "end");
     switch_and_wait(&c);
-    // Every queued file leaves the spool once archived.
+    // PostgreSQL's queue drains, and it took every marker the pusher left.
     let until = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(spool.join("out"))
-        .unwrap()
-        .flatten()
-        .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
-    {
-        assert!(Instant::now() < until, "the spool did not drain");
+    let ready = |c: &Cluster| {
+        std::fs::read_dir(c.data.join("pg_wal/archive_status"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+            .count()
+    };
+    while ready(&c) > 0 || std::fs::read_dir(spool.join("ok")).unwrap().count() > 0 {
+        assert!(Instant::now() < until, "the archive queue did not drain");
         std::thread::sleep(Duration::from_millis(100));
     }
     let status: serde_json::Value =
@@ -199,6 +203,47 @@ fn async_push_loses_nothing() {
     assert!(segments >= 8, "only {segments} segments archived");
     bs_ok(&["verify", "--repo", path(&repo)]);
     assert_eq!(restore_digest(&repo, &base, "async-end", &[]), end.digest);
+}
+
+/// Asynchronous push into a repository the pusher cannot reach: after
+/// --timeout archive_command fails, PostgreSQL keeps the segment and says
+/// why, the server reports it; once the repository is back, everything is
+/// archived and a restore to the end has it all.
+#[test]
+fn async_push_fails_while_the_repository_is_unreachable() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = scratch("unreachable");
+    let repo = base.join("repo");
+    let c = archived_cluster(&base, &repo, "--async --timeout 3");
+    c.sql("postgres", "CREATE TABLE states (s text)");
+    backup(&c, &repo, &[]);
+    pgbench(&c, "100");
+    switch_and_wait(&c);
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o000)).unwrap();
+    pgbench(&c, "100");
+    let end = mark(&c, "end");
+    let stuck = c.sql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    let until = Instant::now() + Duration::from_secs(60);
+    while c.sql("postgres", "SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(Instant::now() < until, "archive_command did not fail");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let row = c.sql(
+        "postgres",
+        "SELECT last_failed_wal, ready_segments >= 1, async_push_error IS NOT NULL FROM blocktrack.archive_status()",
+    );
+    assert_eq!(row, format!("{stuck}|t|t"));
+    assert!(c.data.join(format!("pg_wal/{stuck}")).exists(), "PostgreSQL did not keep {stuck}");
+    let log = std::fs::read_to_string(&c.log).unwrap();
+    assert!(log.contains(&format!("{stuck}\" was not archived within --timeout 3 s")), "{log}");
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let until = Instant::now() + Duration::from_secs(120);
+    while c.sql("postgres", "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").as_str() < stuck.as_str() {
+        assert!(Instant::now() < until, "{stuck} was not archived once the repository was back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bs_ok(&["verify", "--repo", path(&repo)]);
+    assert_eq!(restore_digest(&repo, &base, "after-outage", &[]), end.digest);
 }
 
 /// After a PITR the restored cluster goes on, on timeline 2, archiving into

@@ -1,24 +1,28 @@
 //! `archive-push` (for `archive_command`) and `archive-get` (for
 //! `restore_command`), with their helpers that run detached: the
-//! asynchronous pusher that drains the spool, and the prefetcher that
-//! fetches the next segments before recovery asks for them.
+//! asynchronous pusher, and the prefetcher that fetches the next segments
+//! before recovery asks for them.
 //!
-//! Spool (local disk, by default `pg_wal/blockstream_spool` of the data
+//! Asynchronous push archives ahead, from PostgreSQL's own queue: the
+//! pusher lists the segments PostgreSQL has waiting (`.ready` in
+//! `pg_wal/archive_status`), archives them straight from `pg_wal` with N
+//! workers, and leaves a marker for each; `archive_command` for a segment
+//! returns as soon as its marker is there, usually at once. Nothing is
+//! copied: the queue is PostgreSQL's, which keeps every segment until its
+//! `archive_command` succeeds, so a segment is never acknowledged before it
+//! is in the repository, and a pusher that cannot reach the repository makes
+//! `archive_command` fail after `--timeout` (PostgreSQL retries and keeps
+//! its WAL). Spool (by default `pg_wal/blockstream_spool` of the data
 //! directory, which backups leave out):
 //!
 //! ```text
-//! SPOOL/out/<WAL file>     queued by archive-push --async, removed once archived
+//! SPOOL/ok/<WAL file>      archived ahead; removed once PostgreSQL took it
+//! SPOOL/failed/<WAL file>  why the pusher could not archive it (then archive_command fails)
 //! SPOOL/out.lock           held by the one pusher running
 //! SPOOL/out.error          the pusher's last failure (JSON)
 //! SPOOL/in/<WAL file>      fetched ahead by archive-get --prefetch
 //! SPOOL/in.lock            held by the one prefetcher running
 //! ```
-//!
-//! PostgreSQL keeps a WAL file until `archive_command` succeeds, so the
-//! asynchronous mode answers success only once the file is safely in the
-//! spool (fsynced), and answers failure when the spool stays full, or the
-//! oldest queued file waits, longer than `--timeout`: then nothing is lost,
-//! PostgreSQL retries and keeps its WAL.
 
 use std::fs::{self, File};
 use std::os::unix::io::AsRawFd;
@@ -29,7 +33,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use blockstream::archive::{self, Pushed, WalFile};
-use blockstream::codec::Compression;
 use blockstream::lsn::{parse_wal_file_name, wal_file_name};
 use blockstream::repo::Repo;
 use blockstream::restore::extract_file;
@@ -72,40 +75,6 @@ fn spawn_detached(args: &[String], log: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dir_bytes(dir: &Path) -> (u64, u64, Option<SystemTime>) {
-    let (mut files, mut bytes, mut oldest) = (0, 0, None::<SystemTime>);
-    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        if let Ok(md) = e.metadata() {
-            files += 1;
-            bytes += md.len();
-            let t = md.modified().ok();
-            oldest = match (oldest, t) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-    }
-    (files, bytes, oldest)
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M') => (&s[..s.len() - 1], 1 << 20),
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().map(|n| n * mult).map_err(|_| format!("invalid size \"{s}\": expected a number like 4G"))
-}
-
-pub fn size_parser(s: &str) -> Result<u64, String> {
-    parse_size(s)
-}
-
 pub fn archive_push(a: ArchivePushArgs) -> anyhow::Result<ExitCode> {
     let name = a.path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
     if WalFile::parse(&name).is_none() {
@@ -114,57 +83,56 @@ pub fn archive_push(a: ArchivePushArgs) -> anyhow::Result<ExitCode> {
     let repo_path = absolute(&a.repo);
     if !a.r#async {
         let repo = open_or_create(&repo_path, &a.path)?;
-        push_one(&repo, &a.path, &name, a.compress)?;
+        archive::push_with(&repo, &a.path, &name, a.compress, a.threads)?;
         return Ok(ExitCode::SUCCESS);
     }
     let spool = absolute(&a.spool);
-    let out = spool.join("out");
-    fs::create_dir_all(&out).with_context(|| format!("could not create spool \"{}\"", out.display()))?;
+    let wal_dir = absolute(a.path.parent().unwrap_or(Path::new(".")));
+    for d in ["ok", "failed"] {
+        fs::create_dir_all(spool.join(d)).with_context(|| format!("could not create spool \"{}\"", spool.display()))?;
+    }
+    let (ok, failed) = (spool.join("ok").join(&name), spool.join("failed").join(&name));
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
-    // A pusher that keeps failing: fail too, so PostgreSQL keeps its WAL.
-    let (_, _, oldest) = dir_bytes(&out);
-    if let Some(age) = oldest.and_then(|t| t.elapsed().ok()) {
-        if age > Duration::from_secs(a.timeout) {
-            let why = fs::read_to_string(spool.join("out.error")).unwrap_or_default();
-            ensure_pusher(&a, &spool)?;
-            anyhow::bail!(
-                "WAL has waited {} s in spool \"{}\", longer than --timeout {}: the repository cannot be reached ({}); PostgreSQL keeps the WAL and retries",
-                age.as_secs(),
-                out.display(),
-                a.timeout,
-                why.trim()
-            );
-        }
-    }
-    let size = fs::metadata(&a.path).with_context(|| format!("could not stat \"{}\"", a.path.display()))?.len();
+    let mut started = false;
     loop {
-        let (_, queued, _) = dir_bytes(&out);
-        if queued + size <= a.max_spool {
-            break;
+        if taken(&ok, &a.path)? {
+            return Ok(ExitCode::SUCCESS);
         }
-        ensure_pusher(&a, &spool)?;
+        if let Ok(why) = fs::read_to_string(&failed) {
+            let _ = fs::remove_file(&failed);
+            anyhow::bail!("{}", why.trim());
+        }
+        if !started || Instant::now() > deadline - Duration::from_secs(a.timeout) / 2 {
+            ensure_pusher(&a, &spool, &wal_dir)?;
+            started = true;
+        }
         if Instant::now() > deadline {
+            let why = fs::read_to_string(spool.join("out.error")).unwrap_or_default();
             anyhow::bail!(
-                "spool \"{}\" holds {queued} bytes, the limit is {}: not queued within --timeout {} s; PostgreSQL keeps the WAL and retries",
-                out.display(),
-                a.max_spool,
-                a.timeout
+                "\"{}\" was not archived within --timeout {} s ({}); PostgreSQL keeps the WAL and retries",
+                a.path.display(),
+                a.timeout,
+                if why.trim().is_empty() { "no error recorded" } else { why.trim() }
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    // Queue it: a temporary name, fsync, rename, fsync of the directory.
-    let tmp = out.join(format!(".{name}.{}.tmp", std::process::id()));
-    {
-        let mut src = File::open(&a.path).with_context(|| format!("could not open \"{}\"", a.path.display()))?;
-        let mut dst = File::create(&tmp).with_context(|| format!("could not create \"{}\"", tmp.display()))?;
-        std::io::copy(&mut src, &mut dst).with_context(|| format!("could not copy into \"{}\"", tmp.display()))?;
-        dst.sync_all()?;
+}
+
+/// Whether the marker `ok` says this very file was archived: a marker older
+/// than the file belongs to an earlier file of that name (a restored data
+/// directory reusing names) and is removed. A fresh marker stays until the
+/// pusher sees that PostgreSQL no longer waits for the segment: removing it
+/// here would let the pusher, listing the queue in between, archive the
+/// segment a second time.
+fn taken(ok: &Path, file: &Path) -> anyhow::Result<bool> {
+    let Ok(marker) = fs::symlink_metadata(ok) else { return Ok(false) };
+    let file_time = fs::metadata(file).and_then(|m| m.modified()).ok();
+    let fresh = matches!((marker.modified().ok(), file_time), (Some(m), Some(f)) if m >= f) && marker.is_file();
+    if !fresh {
+        let _ = fs::remove_file(ok);
     }
-    fs::rename(&tmp, out.join(&name))?;
-    safe_fs::fsync_dir(&out)?;
-    ensure_pusher(&a, &spool)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(fresh)
 }
 
 /// The repository, created on the first push when it does not exist yet
@@ -186,13 +154,8 @@ fn open_or_create(root: &Path, wal: &Path) -> anyhow::Result<Repo> {
     Ok(Repo::open_or_create(root, sysid, version * 10000)?)
 }
 
-fn push_one(repo: &Repo, path: &Path, name: &str, compression: Compression) -> anyhow::Result<Pushed> {
-    let r = archive::push(repo, path, name, compression)?;
-    Ok(r)
-}
-
-/// Makes sure a pusher drains the spool (starts one unless one runs).
-fn ensure_pusher(a: &ArchivePushArgs, spool: &Path) -> anyhow::Result<()> {
+/// Makes sure a pusher runs (starts one unless one does).
+fn ensure_pusher(a: &ArchivePushArgs, spool: &Path, wal_dir: &Path) -> anyhow::Result<()> {
     let lock = spool.join("out.lock");
     if try_lock(&lock)?.is_none() {
         return Ok(());
@@ -203,6 +166,8 @@ fn ensure_pusher(a: &ArchivePushArgs, spool: &Path) -> anyhow::Result<()> {
         absolute(&a.repo).display().to_string(),
         "--spool".into(),
         spool.display().to_string(),
+        "--wal".into(),
+        wal_dir.display().to_string(),
         "--workers".into(),
         a.workers.to_string(),
         "--compress".into(),
@@ -211,33 +176,52 @@ fn ensure_pusher(a: &ArchivePushArgs, spool: &Path) -> anyhow::Result<()> {
     spawn_detached(&args, &spool.join("out.log"))
 }
 
-/// The asynchronous pusher: N workers archive what the spool holds, oldest
-/// first, and remove each file once it is archived; stops when idle.
+/// The segments PostgreSQL waits to archive, with when each was marked
+/// ready: timeline histories first (as its archiver takes them), then by name.
+fn waiting(wal_dir: &Path) -> Vec<(String, Option<SystemTime>)> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(wal_dir.join("archive_status")).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if let Some(base) = n.strip_suffix(".ready") {
+            if WalFile::parse(base).is_some() {
+                names.push((base.to_string(), e.metadata().and_then(|m| m.modified()).ok()));
+            }
+        }
+    }
+    names.sort_by_key(|(n, _)| (!n.ends_with(".history"), n.clone()));
+    names
+}
+
+/// The asynchronous pusher: archives what PostgreSQL has waiting with N
+/// workers and leaves a marker for each; stops when idle.
 pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
     let spool = absolute(&a.spool);
     let Some(_lock) = try_lock(&spool.join("out.lock"))? else { return Ok(ExitCode::SUCCESS) };
-    let out = spool.join("out");
+    let Some(wal_dir) = a.wal.as_ref().map(|w| absolute(w)) else {
+        usage_error("archive-push-daemon needs --wal");
+    };
+    let (ok_dir, failed_dir) = (spool.join("ok"), spool.join("failed"));
     let mut idle_since = Instant::now();
     let mut failures = 0u64;
     let mut last: Option<String> = None;
     loop {
-        let mut names: Vec<String> = fs::read_dir(&out)
+        let queue = waiting(&wal_dir);
+        drop_taken_markers(&ok_dir, &queue);
+        let todo: Vec<String> = queue
             .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
+            .map(|(n, _)| n)
+            .filter(|n| !ok_dir.join(n).exists() && !failed_dir.join(n).exists())
+            .take(256)
             .collect();
-        names.sort();
-        if names.is_empty() {
+        if todo.is_empty() {
             if idle_since.elapsed() > IDLE {
                 return Ok(ExitCode::SUCCESS);
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
             continue;
         }
         idle_since = Instant::now();
-        let repo = match open_or_create(&absolute(&a.repo), &out.join(&names[0])) {
+        let repo = match open_or_create(&absolute(&a.repo), &wal_dir.join(&todo[0])) {
             Ok(r) => r,
             Err(e) => {
                 failures += 1;
@@ -251,15 +235,16 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
             let handles: Vec<_> = (0..a.workers)
                 .map(|_| {
                     let rx = rx.clone();
-                    let (repo, out) = (&repo, &out);
+                    let (repo, wal_dir, ok_dir) = (&repo, &wal_dir, &ok_dir);
                     s.spawn(move || {
                         let mut done = Vec::new();
                         for name in rx {
-                            let path = out.join(&name);
-                            let r = archive::push(repo, &path, &name, a.compress).map_err(|e| e.to_string());
-                            if r.is_ok() {
-                                let _ = fs::remove_file(&path);
-                            }
+                            let r = archive::push(repo, &wal_dir.join(&name), &name, a.compress)
+                                .map_err(|e| e.to_string())
+                                .and_then(|p| {
+                                    // Archived durably; the marker only saves a push.
+                                    File::create(ok_dir.join(&name)).map(|_| p).map_err(|e| e.to_string())
+                                });
                             done.push((name, r));
                         }
                         done
@@ -267,7 +252,7 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             drop(rx);
-            for n in &names {
+            for n in &todo {
                 if tx.send(n.clone()).is_err() {
                     break;
                 }
@@ -279,21 +264,33 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
         for (name, r) in results {
             match r {
                 Ok(_) => last = Some(name),
+                // Taken by archive_command meanwhile (and maybe recycled):
+                // nothing is wrong.
+                Err(_) if !wal_dir.join("archive_status").join(format!("{name}.ready")).exists() => {}
                 Err(e) => {
                     failed = true;
                     failures += 1;
                     record_error(&spool, &e);
+                    // A refusal (other content, another system) is final for
+                    // this file; anything else is retried.
+                    if e.contains("already archived with other content") || e.contains("belongs to the cluster") {
+                        let _ = fs::write(failed_dir.join(&name), &e);
+                    }
                 }
             }
         }
-        let _ = safe_fs::fsync_dir(&out);
-        let (files, bytes, oldest) = dir_bytes(&out);
+        // What still waits unarchived, for info and the metrics.
+        let now_waiting = waiting(&wal_dir);
+        let left: Vec<Option<SystemTime>> =
+            now_waiting.iter().filter(|(n, _)| !ok_dir.join(n).exists()).map(|(_, t)| *t).collect();
+        let queued = left.len();
+        let oldest = left.iter().flatten().min().copied();
         let status = json!({
             "time": timefmt::iso8601(SystemTime::now()),
             "last_archived": last,
-            "queue_files": files,
-            "queue_bytes": bytes,
-            "queue_oldest_secs": oldest.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            "queue_files": queued,
+            "queue_bytes": queued as u64 * segment_bytes(&wal_dir),
+            "queue_oldest_secs": if queued == 0 { 0.0 } else { oldest.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0) },
             "push_failures": failures,
         });
         let _ = safe_fs::write_durably(
@@ -308,6 +305,29 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
             let _ = fs::remove_file(spool.join("out.error"));
         }
     }
+}
+
+/// Removes the markers of segments PostgreSQL no longer waits for (its
+/// archive_command took them). `waiting` is listed after every marker
+/// there was made, so a marker still needed is never removed.
+fn drop_taken_markers(ok_dir: &Path, waiting: &[(String, Option<SystemTime>)]) {
+    for e in fs::read_dir(ok_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !waiting.iter().any(|(n, _)| *n == name) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The size of a segment in `wal_dir` (16 MiB unless a segment says otherwise).
+fn segment_bytes(wal_dir: &Path) -> u64 {
+    fs::read_dir(wal_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| e.file_name().len() == 24 && WalFile::parse(&e.file_name().to_string_lossy()).is_some())
+        .and_then(|e| e.metadata().ok())
+        .map_or(16 << 20, |m| m.len())
 }
 
 fn record_error(spool: &Path, msg: &str) {

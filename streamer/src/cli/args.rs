@@ -105,6 +105,13 @@ fn default_jobs() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
 }
 
+/// zstd threads for one pushed segment: the cores left beside the thread
+/// that hashes it (1 on 2 cores, where a second zstd thread measured no
+/// gain), at most 4.
+fn default_push_threads() -> usize {
+    (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).saturating_sub(1)).clamp(1, 4)
+}
+
 fn parse_compression(s: &str) -> Result<Compression, String> {
     s.parse().map_err(|e: blockstream::Error| e.to_string())
 }
@@ -387,19 +394,20 @@ pub struct ArchivePushArgs {
     /// Compression: zstd[:LEVEL] or none
     #[arg(long = "compress", value_name = "METHOD", value_parser = parse_compression, default_value = "zstd:1")]
     pub compress: Compression,
-    /// Queue the file in a local spool and return; a background pusher archives it
+    /// zstd threads for one segment (default: the cores but one, at most 4)
+    #[arg(long, value_name = "N", value_parser = jobs_parser(), default_value_t = default_push_threads())]
+    pub threads: usize,
+    /// Return as soon as a background pusher has archived the file: it
+    /// archives every segment PostgreSQL has waiting (.ready), ahead, in parallel
     #[arg(long = "async")]
     pub r#async: bool,
-    /// The spool directory, relative to the data directory (where archive_command runs)
+    /// Directory of the background pusher's markers and log, relative to the data directory
     #[arg(long, value_name = "DIR", default_value = "pg_wal/blockstream_spool")]
     pub spool: PathBuf,
-    /// Parallel pushers draining the spool
+    /// Segments the background pusher archives in parallel
     #[arg(long, value_name = "N", value_parser = jobs_parser(), default_value_t = 4)]
     pub workers: usize,
-    /// Largest size of the spool (suffix k, M or G)
-    #[arg(long, value_name = "SIZE", value_parser = crate::cli::archive::size_parser, default_value = "4G")]
-    pub max_spool: u64,
-    /// Fail (so PostgreSQL keeps its WAL) when the spool stays full, or WAL waits in it, this many seconds
+    /// Fail, so PostgreSQL keeps the WAL and retries, when the file is not archived within this many seconds
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub timeout: u64,
     /// The WAL file (%p)
@@ -419,6 +427,9 @@ pub struct DaemonArgs {
     /// Prefetch the segments after this one
     #[arg(long, value_name = "WALFILE")]
     pub after: Option<String>,
+    /// The pg_wal directory whose waiting segments the pusher archives
+    #[arg(long, value_name = "DIR")]
+    pub wal: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

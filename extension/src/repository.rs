@@ -47,7 +47,7 @@ pub fn metrics(repo: Option<&str>) -> Vec<Sample> {
             rows.last().and_then(|r| repo.load_manifest(&r.backup_id).ok()).map_or(16 << 20, |m| m.wal_segment_size);
         Ok::<_, blockstream::Error>(metrics::samples(
             &rows,
-            catalog::repository_bytes(repo.root()),
+            repo.store().total_bytes(),
             now(),
             ServerFacts { summarizer_lag_bytes: Some(lag), archive_failed_count: failed },
             blockstream::archive::facts(&repo, seg).as_ref(),
@@ -119,7 +119,7 @@ pub fn verify(repo: Option<&str>, backup_id: Option<&str>) -> Vec<(String, bool,
                     "stored_bytes": check.stored_bytes,
                     "source": "sql",
                 });
-                let _ = catalog::append_log(repo.root(), catalog::VERIFY_LOG, &record);
+                let _ = catalog::append_log(&repo, catalog::VERIFY_LOG, &record);
                 (id.clone(), check.problems.is_empty(), check.problems.len() as i64, first)
             })
             .collect()

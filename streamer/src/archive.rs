@@ -17,16 +17,17 @@
 //! | file name (56, zero-padded) | CRC-32C of the 124 bytes before it
 //! ```
 //!
-//! A file is written under a temporary name, fsynced, then linked to its
-//! final name (`link(2)` fails if the name exists, so two pushers of the
-//! same file never overwrite each other), and the directory is fsynced. A
-//! file already archived is compared by its SHA-256: the same content is
-//! success, other content is refused and the archived copy kept.
+//! A file is stored with [`crate::storage::Store::put_new`], atomically,
+//! durably and never over an existing object (in a directory: temporary
+//! name, fsync, `link(2)`, directory fsync), so two pushers of the same file
+//! never overwrite each other. A file already archived is compared by its
+//! SHA-256: the same content is success, other content is refused and the
+//! archived copy kept.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::blkref::crc32c;
 use crate::codec::{Compression, Compressor, Decompressor};
@@ -35,10 +36,13 @@ use crate::hash::{sha256, to_hex, Digest};
 use crate::lsn::{parse_wal_file_name, wal_file_name, Lsn};
 use crate::repo::Repo;
 use crate::safe_fs;
+use crate::storage::{self, Kind};
 
 pub const ARCHIVE_DIR: &str = "archive";
 /// Where `wal-receive` writes the segment it is receiving.
 pub const RECEIVE_DIR: &str = "receive";
+/// The asynchronous pusher's last status (JSON).
+pub const PUSH_STATUS: &str = "archive/push-status.json";
 const MAGIC: &[u8; 4] = b"BSWA";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 128;
@@ -301,7 +305,7 @@ pub fn push_with(repo: &Repo, source: &Path, name: &str, compression: Compressio
             return Err(Error::Conflict(format!(
                 "WAL segment \"{}\" belongs to the cluster with system identifier {seg_sysid}, repository \"{}\" to {sysid}",
                 source.display(),
-                repo.root().display()
+                repo.location()
             )));
         }
         if matches!(kind, WalFile::Segment { .. }) && seg_size as usize != raw.len() {
@@ -312,63 +316,41 @@ pub fn push_with(repo: &Repo, source: &Path, name: &str, compression: Compressio
             )));
         }
     }
-    let rel = relative_path(name)?;
-    let path = repo.root().join(&rel);
-    let dir = path.parent().expect("archive files live in a directory").to_path_buf();
-    safe_fs::create_dir(&repo.root().join(ARCHIVE_DIR), safe_fs::DIR_MODE)?;
-    safe_fs::create_dir(&dir, safe_fs::DIR_MODE)?;
-    if let Some(h) = existing_header(repo, &rel)? {
-        return same_or_refuse(&h, &raw, &path);
+    let key = relative_path(name)?;
+    let what = repo.describe(&key);
+    if let Some(h) = existing_header(repo, &key)? {
+        return same_or_refuse(&h, &raw, &what);
     }
     let bytes = encode_with(name, sysid, &raw, compression, threads)?;
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = safe_fs::create_new(&tmp, safe_fs::FILE_MODE)?;
-    let written = f.write_all(&bytes).and_then(|_| f.sync_all());
-    drop(f);
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Io { op: "write", path: tmp, source: e });
+    // Never over an existing object: of two concurrent pushes of a file, one stores it.
+    if repo.store().put_new(&key, &bytes)? {
+        return Ok(Pushed::Stored { raw: raw.len() as u64, stored: bytes.len() as u64 });
     }
-    // link(2) never replaces an existing name: a concurrent push of the same file loses cleanly.
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {
-            safe_fs::fsync_dir(&dir)?;
-            Ok(Pushed::Stored { raw: raw.len() as u64, stored: bytes.len() as u64 })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let h = existing_header(repo, &rel)?
-                .ok_or_else(|| Error::Conflict(format!("\"{}\" vanished", path.display())))?;
-            same_or_refuse(&h, &raw, &path)
-        }
-        Err(e) => Err(Error::Io { op: "link into place", path, source: e }),
-    }
+    let h = existing_header(repo, &key)?.ok_or_else(|| Error::Conflict(format!("\"{what}\" vanished")))?;
+    same_or_refuse(&h, &raw, &what)
 }
 
-fn existing_header(repo: &Repo, rel: &str) -> Result<Option<Header>> {
-    use std::os::unix::fs::FileExt;
-    let path = repo.root().join(rel);
-    match safe_fs::open_beneath(repo.root(), rel) {
+fn existing_header(repo: &Repo, key: &str) -> Result<Option<Header>> {
+    let what = repo.describe(key);
+    match repo.store().open(key) {
         Ok(f) => {
-            let len = f.metadata().map_err(Error::io("stat", &path))?.len();
+            let len = f.len();
             let mut b = vec![0u8; HEADER_LEN.min(len as usize)];
-            f.read_exact_at(&mut b, 0).map_err(Error::io("read", &path))?;
-            Ok(Some(decode_header(&b, len, &path.display())?))
+            f.read_exact_at(&mut b, 0).map_err(Error::io("read", Path::new(&what)))?;
+            Ok(Some(decode_header(&b, len, &what)?))
         }
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-fn same_or_refuse(h: &Header, raw: &[u8], path: &Path) -> Result<Pushed> {
+fn same_or_refuse(h: &Header, raw: &[u8], what: &str) -> Result<Pushed> {
     let digest = sha256(raw);
     if h.raw_sha256 == digest && h.raw_len == raw.len() as u64 {
         Ok(Pushed::AlreadyThere)
     } else {
         Err(Error::Conflict(format!(
-            "\"{}\" is already archived with other content (sha256 {}, this one {}): the archived copy is kept",
-            path.display(),
+            "\"{what}\" is already archived with other content (sha256 {}, this one {}): the archived copy is kept",
             to_hex(&h.raw_sha256),
             to_hex(&digest)
         )))
@@ -383,18 +365,14 @@ pub fn fetch(repo: &Repo, name: &str) -> Result<Option<Vec<u8>>> {
         candidates.push(format!("{name}.partial"));
     }
     for n in candidates {
-        let rel = relative_path(&n)?;
-        match safe_fs::read_beneath(
-            repo.root(),
-            &rel,
-            HEADER_LEN as u64 + crate::manifest::limits::stored_bound(MAX_RAW),
-        ) {
+        let key = relative_path(&n)?;
+        match repo.store().read(&key, HEADER_LEN as u64 + crate::manifest::limits::stored_bound(MAX_RAW)) {
             Ok(bytes) => {
-                let (h, mut raw) = decode(&bytes, &repo.root().join(&rel).display())?;
+                let (h, mut raw) = decode(&bytes, &repo.describe(&key))?;
                 if h.system_identifier != repo.info.system_identifier {
                     return Err(Error::Corrupt(format!(
                         "archived WAL file \"{}\" belongs to system {}, the repository to {}",
-                        repo.root().join(&rel).display(),
+                        repo.describe(&key),
                         h.system_identifier,
                         repo.info.system_identifier
                     )));
@@ -413,7 +391,7 @@ pub fn fetch(repo: &Repo, name: &str) -> Result<Option<Vec<u8>>> {
     }
     // The segment `wal-receive` is streaming into, preallocated to its size.
     if let Some(WalFile::Segment { .. }) = WalFile::parse(name) {
-        match safe_fs::read_beneath(repo.root(), &format!("{RECEIVE_DIR}/{name}.partial"), MAX_RAW) {
+        match repo.store().read(&format!("{RECEIVE_DIR}/{name}.partial"), MAX_RAW) {
             Ok(raw) => {
                 if let Ok((sysid, _)) = segment_identity(&raw) {
                     if sysid == repo.info.system_identifier {
@@ -446,27 +424,29 @@ pub struct Listing {
     pub partials: BTreeMap<u32, BTreeSet<u64>>,
     pub histories: BTreeSet<u32>,
     pub bytes: u64,
+    /// When the latest segment was archived.
+    pub newest_modified: Option<std::time::SystemTime>,
 }
 
 /// Lists the archive (names only; nothing is read).
 pub fn list(repo: &Repo, segment_size: u64) -> Result<Listing> {
     let mut out = Listing::default();
-    let root = repo.root().join(ARCHIVE_DIR);
-    let Ok(dirs) = std::fs::read_dir(&root) else { return Ok(out) };
-    for d in dirs.flatten() {
-        if !d.file_type().is_ok_and(|t| t.is_dir()) {
+    for d in repo.store().list(ARCHIVE_DIR)? {
+        if d.kind != Kind::Prefix {
             continue;
         }
-        for f in std::fs::read_dir(d.path()).map_err(Error::io("read directory", &d.path()))?.flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            let Some(wal) = name.strip_suffix(SUFFIX) else { continue };
-            out.bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
+        for f in repo.store().list(&storage::join(ARCHIVE_DIR, &d.name))? {
+            let Some(wal) = f.name.strip_suffix(SUFFIX) else { continue };
+            if f.kind != Kind::Object {
+                continue;
+            }
+            out.bytes += f.size;
             match WalFile::parse(wal) {
-                Some(WalFile::Segment { tli, .. }) => {
+                Some(WalFile::Segment { .. }) => {
                     if let Some((t, segno)) = parse_wal_file_name(wal, segment_size) {
                         out.segments.entry(t).or_default().insert(segno);
                     }
-                    let _ = tli;
+                    out.newest_modified = out.newest_modified.max(f.modified);
                 }
                 Some(WalFile::Partial { tli, .. }) => {
                     if let Some((_, segno)) = parse_wal_file_name(&wal[..24], segment_size) {
@@ -604,28 +584,14 @@ pub struct Facts {
 
 /// The archive's facts (None when the repository has no archive).
 pub fn facts(repo: &Repo, segment_size: u64) -> Option<Facts> {
-    let root = repo.root().join(ARCHIVE_DIR);
-    if !root.is_dir() {
+    if repo.store().list(ARCHIVE_DIR).ok()?.is_empty() {
         return None;
     }
     let listing = list(repo, segment_size).ok()?;
-    let mut newest: Option<(u32, u64)> = None;
-    for (t, s) in &listing.segments {
-        if let Some(&n) = s.last() {
-            if newest.is_none_or(|(bt, bn)| (n, *t) > (bn, bt)) {
-                newest = Some((*t, n));
-            }
-        }
-    }
-    let newest_secs = newest.and_then(|(t, n)| {
-        let name = wal_file_name(t, n, segment_size);
-        let p = root.join(format!("{t:08X}")).join(format!("{name}{SUFFIX}"));
-        std::fs::metadata(p).ok()?.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
-    });
+    let newest_secs =
+        listing.newest_modified.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
     let status: Option<serde_json::Value> =
-        safe_fs::read_beneath(repo.root(), &format!("{ARCHIVE_DIR}/push-status.json"), 1 << 20)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        repo.store().read(PUSH_STATUS, 1 << 20).ok().and_then(|b| serde_json::from_slice(&b).ok());
     Some(Facts {
         segments: listing.segments.values().map(|s| s.len() as u64).sum(),
         bytes: listing.bytes,
@@ -636,20 +602,22 @@ pub fn facts(repo: &Repo, segment_size: u64) -> Option<Facts> {
     })
 }
 
-/// The archive path of every archived WAL file (for expire): (name, path).
-pub fn files(repo: &Repo) -> Vec<(String, PathBuf)> {
+/// Every archived WAL file (for expire): (name, key).
+pub fn files(repo: &Repo) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
-    let root = repo.root().join(ARCHIVE_DIR);
-    for d in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if let Some(wal) = name.strip_suffix(SUFFIX) {
-                out.push((wal.to_string(), f.path()));
+    for d in repo.store().list(ARCHIVE_DIR)? {
+        if d.kind != Kind::Prefix {
+            continue;
+        }
+        let prefix = storage::join(ARCHIVE_DIR, &d.name);
+        for f in repo.store().list(&prefix)? {
+            if let (Some(wal), Kind::Object) = (f.name.strip_suffix(SUFFIX), f.kind) {
+                out.push((wal.to_string(), storage::join(&prefix, &f.name)));
             }
         }
     }
     out.sort();
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! The online backup: start, copy, stop, WAL, manifest.
 //!
-//! Order matters and is the protocol of DESIGN.md: `pg_backup_start` (through
+//! Order matters (README, "How it works"): `pg_backup_start` (through
 //! [`BackupSession`]), copy every file but `global/pg_control`, copy
 //! `global/pg_control`, `pg_backup_stop`, copy WAL from the start segment to
-//! the stop segment, fsync the streams, write the manifest last. A backup that
-//! fails anywhere before the manifest is renamed into place does not exist.
+//! the stop segment, make the streams durable, store the manifest last. A
+//! backup that fails anywhere before its manifest is stored does not exist.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -22,7 +22,7 @@ use crate::pgdata::{self, SourceFile};
 use crate::plan::{ChangeSet, ChangedSegment, FileCopy, Planner};
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::safe_fs;
+use crate::storage::{self, SharedStore};
 use crate::stream::StreamWriter;
 use crate::timefmt;
 
@@ -107,7 +107,7 @@ pub enum BackupMode {
 #[derive(Clone, Debug)]
 pub struct BackupOptions {
     pub pgdata: PathBuf,
-    pub repo: PathBuf,
+    pub repo: SharedStore,
     pub jobs: usize,
     pub copy: CopyConfig,
     pub label: Option<String>,
@@ -147,19 +147,19 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
             control.wal_segment_size
         )));
     }
-    let repo = Repo::open_or_create(&opts.repo, server.system_identifier, server.pg_version_num)?;
+    let repo = Repo::open_or_create_store(opts.repo.clone(), server.system_identifier, server.pg_version_num)?;
     let lock = repo.lock()?;
     if let Some(holder) = &lock.taken_over {
         progress.warn(format!(
             "took over the lock of repository \"{}\" left by a process that died holding it ({holder})",
-            repo.root().display()
+            repo.location()
         ));
     }
     let (_, foreign) = repo.remove_incomplete(&lock)?;
     for f in foreign {
         progress.warn(format!(
             "\"{}\" is not a backup of this repository; left alone",
-            repo.backups_dir().join(f).display()
+            repo.describe(&Repo::backup_key(&f))
         ));
     }
 
@@ -210,8 +210,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         (Some(_), _) => BackupType::Incr,
     };
     let id = repo.new_backup_id(backup_type, &lock)?;
-    let dir = repo.backup_dir(&id);
-    crate::repo::create_backup_dir(&dir)?;
+    let prefix = Repo::backup_key(&id);
     // From here on a failure removes what this backup wrote (a kill leaves
     // it to the next writer); nothing is listed without a manifest.
     let result = copy_and_record(
@@ -221,18 +220,7 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
         &repo,
         &server,
         &control,
-        Record {
-            id: id.clone(),
-            dir: dir.clone(),
-            backup_type,
-            parent,
-            changes,
-            start,
-            label,
-            full_reason,
-            server_secs,
-            began,
-        },
+        Record { id: id.clone(), prefix, backup_type, parent, changes, start, label, full_reason, server_secs, began },
     );
     if result.is_err() {
         repo.remove_failed(&id, &lock);
@@ -244,7 +232,8 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
 /// What the first part of a backup decided, for the part that copies.
 struct Record {
     id: String,
-    dir: PathBuf,
+    /// Key prefix of the backup's objects.
+    prefix: String,
     backup_type: BackupType,
     parent: Option<Manifest>,
     changes: Option<ChangeSet>,
@@ -265,7 +254,7 @@ fn copy_and_record(
     control: &pgdata::ControlFile,
     rec: Record,
 ) -> Result<Manifest> {
-    let Record { id, dir, backup_type, parent, changes, start, label, full_reason, mut server_secs, began } = rec;
+    let Record { id, prefix, backup_type, parent, changes, start, label, full_reason, mut server_secs, began } = rec;
     let start_time = timefmt::iso8601(SystemTime::now());
     if start.system_identifier != server.system_identifier {
         return Err(Error::Server(format!(
@@ -286,22 +275,11 @@ fn copy_and_record(
         .position(|f| f.rel == "global/pg_control")
         .ok_or_else(|| Error::Usage(format!("\"{}\" has no global/pg_control", opts.pgdata.display())))?;
 
-    let mut writers = (0..opts.jobs).map(|i| StreamWriter::create(&dir, i as u16, &id)).collect::<Result<Vec<_>>>()?;
+    let mut writers = (0..opts.jobs)
+        .map(|i| StreamWriter::create(repo.store(), &prefix, i as u16, &id))
+        .collect::<Result<Vec<_>>>()?;
 
-    // What to copy of each file: all of it, or the blocks changed since the parent.
-    let mut copies: Vec<Option<Incremental>> = vec![None; files.len()];
-    let mut stats = Stats::default();
-    if let (Some(p), Some(changes)) = (&parent, &changes) {
-        let planner = Planner::new(p, changes);
-        for (i, f) in files.iter().enumerate() {
-            if let FileCopy::Blocks(inc) = planner.plan(f) {
-                stats.incremental_files += 1;
-                stats.trackable_blocks += f.size.div_ceil(server.block_size as u64);
-                stats.changed_blocks += inc.stored_blocks();
-                copies[i] = Some(inc);
-            }
-        }
-    }
+    let (mut copies, stats) = plan_copies(&files, parent.as_ref().zip(changes.as_ref()), server.block_size);
     let mut copy_cfg = opts.copy;
     copy_cfg.block_size = control.block_size as usize;
     copy_cfg.relseg_blocks = control.relseg_size;
@@ -324,53 +302,12 @@ fn copy_and_record(
     // pg_control goes last, after every other file has been read.
     let pieces = pieces_for(control_idx, &layout(control_idx, &files, &copies));
     outcome.merge(copy_pieces(&files, pieces, &mut writers[..1], &copy_cfg, progress)?);
-    let mut checksum_failures: Vec<ChecksumFailure> = outcome
-        .checksum_failures
-        .iter()
-        .map(|&(f, block, stored, computed)| ChecksumFailure {
-            path: files[f as usize].rel.clone(),
-            block,
-            stored,
-            computed,
-        })
-        .collect();
-    checksum_failures.sort_by(|a, b| (&a.path, a.block).cmp(&(&b.path, b.block)));
-    if !checksum_failures.is_empty() && !opts.allow_checksum_failures {
-        let list: Vec<String> = checksum_failures
-            .iter()
-            .take(5)
-            .map(|c| {
-                format!("\"{}\" block {} (stored 0x{:04x}, computed 0x{:04x})", c.path, c.block, c.stored, c.computed)
-            })
-            .collect();
-        return Err(Error::Corrupt(format!(
-            "{} page{} failed checksum verification: {}{}; the backup is not kept (--allow-checksum-failures keeps it)",
-            checksum_failures.len(),
-            if checksum_failures.len() == 1 { "" } else { "s" },
-            list.join(", "),
-            if checksum_failures.len() > 5 { ", ..." } else { "" }
-        )));
-    }
+    let checksum_failures = checksum_failures(&outcome, &files, opts.allow_checksum_failures)?;
 
     progress.start_phase("stop", 0);
     let t = Instant::now();
-    let stop = session.stop()?;
+    let (stop, label_info) = stop_backup(session, &start)?;
     server_secs += t.elapsed().as_secs_f64();
-    let label_info = BackupLabel::parse(&stop.backup_label)
-        .map_err(|e| Error::Server(format!("pg_backup_stop returned a backup_label that does not parse: {e}")))?;
-    if label_info.start_lsn != start.start_lsn {
-        return Err(Error::Server(format!(
-            "backup_label starts at {}, but pg_backup_start returned {}",
-            label_info.start_lsn, start.start_lsn
-        )));
-    }
-    crate::failpoint::hit("backup-stopped");
-    if stop.timeline != start.timeline {
-        return Err(Error::Server(format!(
-            "timeline changed from {} to {} during the backup (a promotion?): take the backup again",
-            start.timeline, stop.timeline
-        )));
-    }
 
     let wal = pgdata::wal_files(&opts.pgdata, start.timeline, start.start_lsn, stop.stop_lsn, server.wal_segment_size)?;
     let first_wal = files.len();
@@ -400,9 +337,10 @@ fn copy_and_record(
     let layouts: Vec<usize> = (0..files.len()).map(|i| layout(i, &files, &copies).len()).collect();
     let entries = file_entries(&files, copies, &layouts, outcome)?;
 
-    safe_fs::write_durably(&dir, "backup_label", stop.backup_label.as_bytes(), safe_fs::FILE_MODE)?;
+    let store = repo.store();
+    store.put(&storage::join(&prefix, "backup_label"), stop.backup_label.as_bytes())?;
     if !stop.tablespace_map.is_empty() {
-        safe_fs::write_durably(&dir, "tablespace_map", stop.tablespace_map.as_bytes(), safe_fs::FILE_MODE)?;
+        store.put(&storage::join(&prefix, "tablespace_map"), stop.tablespace_map.as_bytes())?;
     }
 
     let bytes_written: u64 = streams.iter().map(|s| s.bytes).sum();
@@ -458,10 +396,85 @@ fn copy_and_record(
     };
     progress.start_phase("manifest", 0);
     manifest.validate()?;
-    manifest.store(&dir)?;
+    repo.store_manifest(&manifest)?;
     crate::failpoint::hit("manifest-renamed");
-    safe_fs::fsync_dir(&repo.backups_dir())?;
     Ok(manifest)
+}
+
+/// What to copy of each file: all of it (None), or the blocks changed since
+/// the parent; with the counts the manifest's statistics keep.
+fn plan_copies(
+    files: &[SourceFile],
+    parent: Option<(&Manifest, &ChangeSet)>,
+    block_size: u32,
+) -> (Vec<Option<Incremental>>, Stats) {
+    let mut copies: Vec<Option<Incremental>> = vec![None; files.len()];
+    let mut stats = Stats::default();
+    if let Some((p, changes)) = parent {
+        let planner = Planner::new(p, changes);
+        for (i, f) in files.iter().enumerate() {
+            if let FileCopy::Blocks(inc) = planner.plan(f) {
+                stats.incremental_files += 1;
+                stats.trackable_blocks += f.size.div_ceil(block_size as u64);
+                stats.changed_blocks += inc.stored_blocks();
+                copies[i] = Some(inc);
+            }
+        }
+    }
+    (copies, stats)
+}
+
+/// The pages that failed their checksum while copied, sorted; an error
+/// naming the first five unless the backup may keep them.
+fn checksum_failures(outcome: &CopyOutcome, files: &[SourceFile], allow: bool) -> Result<Vec<ChecksumFailure>> {
+    let mut failures: Vec<ChecksumFailure> = outcome
+        .checksum_failures
+        .iter()
+        .map(|&(f, block, stored, computed)| ChecksumFailure {
+            path: files[f as usize].rel.clone(),
+            block,
+            stored,
+            computed,
+        })
+        .collect();
+    failures.sort_by(|a, b| (&a.path, a.block).cmp(&(&b.path, b.block)));
+    if failures.is_empty() || allow {
+        return Ok(failures);
+    }
+    let list: Vec<String> = failures
+        .iter()
+        .take(5)
+        .map(|c| format!("\"{}\" block {} (stored 0x{:04x}, computed 0x{:04x})", c.path, c.block, c.stored, c.computed))
+        .collect();
+    Err(Error::Corrupt(format!(
+        "{} page{} failed checksum verification: {}{}; the backup is not kept (--allow-checksum-failures keeps it)",
+        failures.len(),
+        if failures.len() == 1 { "" } else { "s" },
+        list.join(", "),
+        if failures.len() > 5 { ", ..." } else { "" }
+    )))
+}
+
+/// `pg_backup_stop`, and the checks that the backup it ends is the one that
+/// started: the label's start LSN, the same timeline.
+fn stop_backup(session: &mut dyn BackupSession, start: &StartInfo) -> Result<(StopInfo, BackupLabel)> {
+    let stop = session.stop()?;
+    let label = BackupLabel::parse(&stop.backup_label)
+        .map_err(|e| Error::Server(format!("pg_backup_stop returned a backup_label that does not parse: {e}")))?;
+    if label.start_lsn != start.start_lsn {
+        return Err(Error::Server(format!(
+            "backup_label starts at {}, but pg_backup_start returned {}",
+            label.start_lsn, start.start_lsn
+        )));
+    }
+    crate::failpoint::hit("backup-stopped");
+    if stop.timeline != start.timeline {
+        return Err(Error::Server(format!(
+            "timeline changed from {} to {} during the backup (a promotion?): take the backup again",
+            start.timeline, stop.timeline
+        )));
+    }
+    Ok((stop, label))
 }
 
 /// The pieces of file `i` as copy work.

@@ -1,48 +1,31 @@
 //! The catalog of a repository: one row per backup with what its manifest
 //! says and the outcome of its last verify and drill, from the logs the
 //! repository keeps (`verify.jsonl`, `drills.jsonl`: one JSON object per
-//! line, appended with O_APPEND so concurrent writers never interleave a
+//! line, appended as one record so concurrent writers never interleave a
 //! line). Read by `info`, `metrics`, `report` and the SQL functions.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::Path;
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::manifest::{BackupType, Manifest};
 use crate::repo::Repo;
-use crate::safe_fs;
 
 pub const DRILL_LOG: &str = "drills.jsonl";
 pub const VERIFY_LOG: &str = "verify.jsonl";
 /// A log larger than this is read only in part (its newest lines matter).
 const LOG_MAX: u64 = 256 << 20;
 
-/// Appends one JSON line to a repository log (mode 0640, no symbolic link), durably.
-pub fn append_log(repo: &Path, name: &str, record: &Value) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = repo.join(name);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(safe_fs::FILE_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(Error::io("open log", &path))?;
-    if !f.metadata().map_err(Error::io("stat", &path))?.is_file() {
-        return Err(Error::Corrupt(format!("log \"{}\" is not a regular file", path.display())));
-    }
-    f.write_all(format!("{record}\n").as_bytes()).map_err(Error::io("append to", &path))?;
-    f.sync_data().map_err(Error::io("fsync", &path))
+/// Appends one JSON line to a repository log, durably.
+pub fn append_log(repo: &Repo, name: &str, record: &Value) -> Result<()> {
+    repo.store().append(name, format!("{record}\n").as_bytes())
 }
 
 /// Every well-formed line of a repository log, oldest first (none when absent).
-pub fn read_log(repo: &Path, name: &str) -> Vec<Value> {
-    let Ok(file) = safe_fs::open_beneath(repo, name) else { return Vec::new() };
-    let bytes = safe_fs::read_all(file, &repo.join(name), LOG_MAX).unwrap_or_default();
+pub fn read_log(repo: &Repo, name: &str) -> Vec<Value> {
+    let bytes = repo.store().read(name, LOG_MAX).unwrap_or_default();
     String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
@@ -177,8 +160,8 @@ impl BackupRow {
 
 /// Every backup of the repository, oldest first, with its last verify and drill.
 pub fn list(repo: &Repo) -> Result<Vec<BackupRow>> {
-    let verifies = last_by_backup(&read_log(repo.root(), VERIFY_LOG));
-    let drills = last_by_backup(&read_log(repo.root(), DRILL_LOG));
+    let verifies = last_by_backup(&read_log(repo, VERIFY_LOG));
+    let drills = last_by_backup(&read_log(repo, DRILL_LOG));
     let mut rows = Vec::new();
     for id in repo.backup_ids()? {
         let mut row = match repo.load_manifest(&id) {
@@ -190,19 +173,4 @@ pub fn list(repo: &Repo) -> Result<Vec<BackupRow>> {
         rows.push(row);
     }
     Ok(rows)
-}
-
-/// Bytes the repository holds on disk (regular files, links not followed).
-pub fn repository_bytes(root: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(md) = std::fs::symlink_metadata(&p) else { continue };
-        if md.is_dir() {
-            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
-        } else if md.is_file() {
-            total += md.len();
-        }
-    }
-    total
 }

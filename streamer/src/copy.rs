@@ -322,7 +322,8 @@ mod tests {
         let src = SourceFile { rel: "base/5/16384".into(), abs, size: 4 << 20, mode: 0o600, uid: 0, gid: 0, mtime: 0 };
         let pieces: Vec<Piece> =
             (0..4).map(|i| Piece { file: 0, index: i, offset: i as u64 * (1 << 20), len: 1 << 20 }).collect();
-        let mut writers = vec![StreamWriter::create(&dir, 0, "20261127T031500F").unwrap()];
+        let store = crate::storage::memory::MemoryStore::new("copy");
+        let mut writers = vec![StreamWriter::create(&store, "backups/x", 0, "20261127T031500F").unwrap()];
         let out = copy_pieces(&[src], pieces, &mut writers, &CopyConfig::default(), &Progress::default()).unwrap();
         assert_eq!(out.truncated.iter().filter(|&&f| f == 0).count(), 4, "{:?}", out.truncated);
         assert_eq!(out.digests.len(), 4);

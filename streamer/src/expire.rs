@@ -20,7 +20,6 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::manifest::MANIFEST_FILE;
 use crate::repo::{Repo, RepoLock};
-use crate::safe_fs;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Policy {
@@ -175,13 +174,12 @@ pub fn execute(repo: &Repo, _lock: &RepoLock, decisions: &[Decision]) -> Result<
     doomed.sort_unstable_by(|a, b| b.cmp(a));
     let mut removed = Vec::new();
     for id in doomed {
-        let dir = repo.backup_dir(id);
-        let manifest = dir.join(MANIFEST_FILE);
-        std::fs::remove_file(&manifest).map_err(Error::io("remove", &manifest))?;
-        safe_fs::fsync_dir(&dir)?;
+        // The manifest first: from then on the backup is not listed, and
+        // the rest is what any writer removes as an incomplete backup.
+        let prefix = Repo::backup_key(id);
+        repo.store().remove(&crate::storage::join(&prefix, MANIFEST_FILE))?;
         crate::failpoint::hit("expire-manifest-removed");
-        std::fs::remove_dir_all(&dir).map_err(Error::io("remove", &dir))?;
-        safe_fs::fsync_dir(&repo.backups_dir())?;
+        repo.store().remove_prefix(&prefix)?;
         removed.push(id.to_string());
     }
     Ok(removed)
@@ -198,12 +196,12 @@ pub fn prune_archive(
 ) -> Result<Vec<String>> {
     let first = oldest_start.segment(segment_size);
     let mut out = Vec::new();
-    for (name, path) in crate::archive::files(repo) {
+    for (name, key) in crate::archive::files(repo)? {
         let base = name.split('.').next().unwrap_or("");
         let Some((_, segno)) = crate::lsn::parse_wal_file_name(base, segment_size) else { continue };
         if segno < first {
             if !dry_run {
-                std::fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+                repo.store().remove(&key)?;
             }
             out.push(name);
         }

@@ -9,8 +9,10 @@
 //!   (read → hash → compress → write, one thread per stream);
 //! - [`stream`] owns the bytes of a stream file and of the chunks inside it;
 //! - [`manifest`] owns `manifest.json`, the only proof that a backup exists;
-//! - [`repo`] owns the repository layout, its identity file and its lock;
-//!   [`safe_fs`] is how every repository file is opened and written (no
+//! - [`repo`] owns the repository layout, its identity object and its lock;
+//!   [`storage`] is the seam every repository byte goes through (the
+//!   [`storage::Store`] trait; a directory, or memory for tests), and
+//!   [`safe_fs`] is how a directory's files are opened and written (no
 //!   symbolic link followed, nothing but regular files read, modes 0640/0750);
 //! - [`pg_control`] decodes PostgreSQL's control file;
 //! - [`privs`] keeps restore from writing as root;
@@ -21,7 +23,9 @@
 //! - [`blkref`] owns the changed-block summaries pg_blocktrack writes.
 //!
 //! The engine never talks to PostgreSQL itself: [`backup::BackupSession`] is
-//! implemented by the command line (over libpq) and by the extension (over SPI).
+//! implemented by the command line (over libpq), by the extension's
+//! `run_backup` (over SPI in its background worker) and, for tests, by
+//! [`testing::FakeSession`].
 
 pub mod archive;
 pub mod backup;
@@ -49,6 +53,7 @@ pub mod repo;
 pub mod report;
 pub mod restore;
 pub mod safe_fs;
+pub mod storage;
 pub mod stream;
 #[doc(hidden)]
 pub mod testing;

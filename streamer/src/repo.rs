@@ -1,36 +1,39 @@
-//! The repository: layout, identity file (`repo.json`) and the writer lock.
+//! The repository: layout, identity object (`repo.json`), the writer lock,
+//! and the backups it lists. Every byte goes through a [`Store`]
+//! ([`crate::storage`]): a directory, or memory in tests.
 //!
 //! ```text
 //! REPO/
 //!   repo.json              format, version, system identifier, PostgreSQL version
-//!   lock                   flock(2)-ed by the one process that writes
+//!   lock                   the writer lock (flock(2)-ed in a directory)
 //!   backups/<id>/          manifest.json (last), stream-NN.bsz, backup_label, tablespace_map
+//!   archive/<timeline>/    archived WAL (see crate::archive)
+//!   verify.jsonl, drills.jsonl   logs (see crate::catalog)
 //! ```
 //!
-//! A directory under `backups/` without `manifest.json` is a backup that never
-//! finished; it is invisible to every reader and removed by the next writer
-//! (only when its name is a backup id and it holds nothing but the files a
-//! backup writes).
+//! The manifest is the commit point: a prefix under `backups/` without
+//! `manifest.json` is a backup that never finished; it is invisible to
+//! every reader and removed by the next writer (only when its name is a
+//! backup id and it holds nothing but the objects a backup writes).
 //!
-//! Everything is created with mode 0750 (directories) or 0640 (files),
-//! whatever the umask: a repository holds the whole database.
+//! In a directory everything is created with mode 0750 (directories) or
+//! 0640 (files), whatever the umask: a repository holds the whole database.
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::manifest::{limits, BackupType, Manifest, MANIFEST_FILE};
-use crate::safe_fs::{self, DIR_MODE, FILE_MODE};
+use crate::storage::{Entry, Kind, RootState, SharedStore, Store, StoreLock};
 use crate::timefmt;
 
 pub const REPO_FILE: &str = "repo.json";
 pub const REPO_FORMAT: &str = "blockstream-repository";
 pub const REPO_VERSION: u32 = 1;
+pub const BACKUPS_DIR: &str = "backups";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepoInfo {
@@ -43,70 +46,63 @@ pub struct RepoInfo {
 
 #[derive(Debug)]
 pub struct Repo {
-    root: PathBuf,
+    store: SharedStore,
     pub info: RepoInfo,
 }
 
 /// Held while a process writes to the repository; released on drop (or death).
 #[derive(Debug)]
 pub struct RepoLock {
-    file: File,
+    _held: Box<dyn StoreLock>,
     /// The holder recorded by a process that died holding the lock.
     pub taken_over: Option<String>,
 }
 
-impl Drop for RepoLock {
-    fn drop(&mut self) {
-        // A clean release leaves the file empty; the kernel drops the flock with the descriptor.
-        let _ = self.file.set_len(0);
-    }
-}
-
 impl Repo {
-    /// Opens an existing repository.
+    /// Opens an existing repository in a directory.
     pub fn open(root: &Path) -> Result<Repo> {
-        let file = root.join(REPO_FILE);
-        let bytes = match safe_fs::read_regular(&file, 1 << 20) {
+        Repo::open_store(crate::storage::at(root))
+    }
+
+    /// Opens an existing repository in any store.
+    pub fn open_store(store: SharedStore) -> Result<Repo> {
+        let bytes = match store.read(REPO_FILE, 1 << 20) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
-                return Err(if root.exists() {
+                return Err(if store.root_state().unwrap_or(RootState::Holds) == RootState::Missing {
+                    Error::Usage(format!("repository \"{}\" does not exist", store.location()))
+                } else {
                     Error::Usage(format!(
                         "\"{}\" is not a blockstream repository: {REPO_FILE} is missing",
-                        root.display()
+                        store.location()
                     ))
-                } else {
-                    Error::Usage(format!("repository \"{}\" does not exist", root.display()))
                 });
             }
             Err(e) => return Err(e),
         };
         let info: RepoInfo = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Corrupt(format!("\"{}\" does not parse: {e}", file.display())))?;
+            .map_err(|e| Error::Corrupt(format!("\"{}\" does not parse: {e}", store.describe(REPO_FILE))))?;
         if info.format != REPO_FORMAT || info.version != REPO_VERSION {
             return Err(Error::Corrupt(format!(
                 "\"{}\" has format \"{}\" version {}, expected \"{REPO_FORMAT}\" version {REPO_VERSION}",
-                file.display(),
+                store.describe(REPO_FILE),
                 info.format,
                 info.version
             )));
         }
-        Ok(Repo { root: root.to_path_buf(), info })
+        Ok(Repo { store, info })
     }
 
-    /// Opens the repository, creating it for this cluster if the directory is
-    /// absent or empty. Refuses a repository of another cluster.
+    /// Opens the repository in a directory, creating it for this cluster if
+    /// the directory is absent or empty. Refuses a repository of another cluster.
     pub fn open_or_create(root: &Path, system_identifier: u64, pg_version_num: u32) -> Result<Repo> {
-        let empty = match fs::read_dir(root) {
-            Ok(mut d) => d.next().is_none(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-            Err(e) => return Err(Error::Io { op: "read directory", path: root.to_path_buf(), source: e }),
-        };
-        if empty {
-            if let Some(parent) = root.parent() {
-                fs::create_dir_all(parent).map_err(Error::io("create repository", root))?;
-            }
-            safe_fs::create_dir(root, DIR_MODE)?;
-            safe_fs::create_dir(&root.join("backups"), DIR_MODE)?;
+        Repo::open_or_create_store(crate::storage::at(root), system_identifier, pg_version_num)
+    }
+
+    /// [`Repo::open_or_create`] in any store.
+    pub fn open_or_create_store(store: SharedStore, system_identifier: u64, pg_version_num: u32) -> Result<Repo> {
+        if store.root_state()? != RootState::Holds {
+            store.init()?;
             let info = RepoInfo {
                 format: REPO_FORMAT.into(),
                 version: REPO_VERSION,
@@ -115,20 +111,20 @@ impl Repo {
                 created: timefmt::iso8601(SystemTime::now()),
             };
             let bytes = serde_json::to_vec_pretty(&info).expect("repository info serializes");
-            safe_fs::write_durably(root, REPO_FILE, &bytes, FILE_MODE)?;
+            store.put(REPO_FILE, &bytes)?;
         }
-        let repo = Repo::open(root)?;
+        let repo = Repo::open_store(store)?;
         if repo.info.system_identifier != system_identifier {
             return Err(Error::Conflict(format!(
                 "repository \"{}\" belongs to the cluster with system identifier {}, not to this one ({system_identifier})",
-                root.display(),
+                repo.location(),
                 repo.info.system_identifier
             )));
         }
         if repo.info.pg_version_num / 10000 != pg_version_num / 10000 {
             return Err(Error::Conflict(format!(
                 "repository \"{}\" holds backups of PostgreSQL {}, the server runs {}",
-                root.display(),
+                repo.location(),
                 repo.info.pg_version_num / 10000,
                 pg_version_num / 10000
             )));
@@ -136,78 +132,61 @@ impl Repo {
         Ok(repo)
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the repository's objects live.
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
-    pub fn backups_dir(&self) -> PathBuf {
-        self.root.join("backups")
+    /// The same store, to share with threads.
+    pub fn shared_store(&self) -> SharedStore {
+        Arc::clone(&self.store)
     }
 
-    pub fn backup_dir(&self, id: &str) -> PathBuf {
-        self.backups_dir().join(id)
+    /// How messages name the repository (its directory, or its URL).
+    pub fn location(&self) -> String {
+        self.store.location()
     }
 
-    /// Takes the writer lock, or says who holds it. The lock is `flock(2)`,
-    /// which the kernel releases when its holder dies; the holder's pid is
-    /// written into the file and cleared on release, so a pid found there
-    /// when the lock is free was left by a process that died holding it:
-    /// `taken_over` names it.
+    /// The repository's directory, when it is one.
+    pub fn local_root(&self) -> Option<&Path> {
+        self.store.local_root()
+    }
+
+    /// How messages name an object of the repository.
+    pub fn describe(&self, key: &str) -> String {
+        self.store.describe(key)
+    }
+
+    /// The key prefix of backup `id`.
+    pub fn backup_key(id: &str) -> String {
+        format!("{BACKUPS_DIR}/{id}")
+    }
+
+    /// Takes the writer lock, or says who holds it (see the store's driver
+    /// for what the lock is and guarantees).
     pub fn lock(&self) -> Result<RepoLock> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.root.join("lock");
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(Error::io("open lock file", &path))?;
-        let md = file.metadata().map_err(Error::io("stat", &path))?;
-        if !md.is_file() {
-            return Err(Error::Corrupt(format!("lock file \"{}\" is not a regular file", path.display())));
-        }
-        // SAFETY: flock on a file descriptor we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        let holder = {
-            let mut s = String::new();
-            let _ = (&file).take(256).read_to_string(&mut s);
-            s.trim().to_string()
-        };
-        if rc != 0 {
-            return Err(Error::Conflict(format!(
-                "repository \"{}\" is locked by another blockstream process{}",
-                self.root.display(),
-                if holder.is_empty() { String::new() } else { format!(" ({holder})") }
-            )));
-        }
-        let taken_over = (!holder.is_empty()).then_some(holder);
-        file.set_len(0).map_err(Error::io("write", &path))?;
-        let _ = write!(file, "pid {} since {}", std::process::id(), timefmt::iso8601(SystemTime::now()));
-        let _ = file.sync_data();
-        Ok(RepoLock { file, taken_over })
+        let held = self.store.lock()?;
+        let taken_over = held.taken_over().map(str::to_string);
+        Ok(RepoLock { _held: held, taken_over })
     }
 
     /// Ids of complete backups (those with a manifest), oldest first.
     pub fn backup_ids(&self) -> Result<Vec<String>> {
-        let dir = self.backups_dir();
         let mut ids = Vec::new();
-        for e in fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
-            let e = e.map_err(Error::io("read directory", &dir))?;
-            let id = e.file_name().to_string_lossy().into_owned();
-            // A backup is a real directory (never a symbolic link) holding a
+        for e in self.store.list(BACKUPS_DIR)? {
+            // A backup is a real prefix (never a symbolic link) holding a
             // manifest; one that is not a regular file is listed, and refused
             // with its reason when read.
-            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            let has_manifest = fs::symlink_metadata(e.path().join(MANIFEST_FILE)).is_ok_and(|m| !m.is_dir());
-            if is_backup_id(&id) && real_dir && has_manifest {
-                ids.push(id);
+            if is_backup_id(&e.name) && e.kind == Kind::Prefix && self.has_manifest(&e.name)? {
+                ids.push(e.name);
             }
         }
         ids.sort();
         Ok(ids)
+    }
+
+    fn has_manifest(&self, id: &str) -> Result<bool> {
+        Ok(self.store.list(&Repo::backup_key(id))?.iter().any(|e| e.name == MANIFEST_FILE && e.kind != Kind::Prefix))
     }
 
     /// Resolves `latest` or an id to an existing backup.
@@ -217,14 +196,14 @@ impl Repo {
             return ids
                 .last()
                 .cloned()
-                .ok_or_else(|| Error::Usage(format!("repository \"{}\" holds no backup yet", self.root.display())));
+                .ok_or_else(|| Error::Usage(format!("repository \"{}\" holds no backup yet", self.location())));
         }
         if ids.iter().any(|i| i == which) {
             Ok(which.to_string())
         } else {
             Err(Error::Usage(format!(
                 "backup \"{which}\" is not in repository \"{}\"{}",
-                self.root.display(),
+                self.location(),
                 match ids.last() {
                     Some(l) => format!(" (latest is {l})"),
                     None => " (it holds no backup yet)".into(),
@@ -238,53 +217,57 @@ impl Repo {
         if !is_backup_id(id) {
             return Err(Error::Usage(format!("\"{id}\" is not a backup id (like 20261127T031500F)")));
         }
-        let rel = format!("backups/{id}/{MANIFEST_FILE}");
-        let bytes = safe_fs::read_beneath(&self.root, &rel, limits::MANIFEST_BYTES)?;
-        let m = Manifest::from_bytes(&bytes, &self.root.join(&rel))?;
+        let key = format!("{}/{MANIFEST_FILE}", Repo::backup_key(id));
+        let bytes = self.store.read(&key, limits::MANIFEST_BYTES)?;
+        let m = Manifest::from_bytes(&bytes, Path::new(&self.describe(&key)))?;
         if m.backup_id != id {
             return Err(Error::Corrupt(format!(
                 "manifest in \"{}\" describes backup {}, not {id}",
-                self.backup_dir(id).display(),
+                self.describe(&Repo::backup_key(id)),
                 m.backup_id
             )));
         }
         Ok(m)
     }
 
-    /// Removes backup directories that never got a manifest: those named
-    /// like a backup id that hold nothing but what a backup writes. Anything
-    /// else under `backups/` is left alone and named in the second list.
-    /// Needs the lock.
+    /// Stores a backup's manifest, the commit point of the backup: atomically
+    /// and durably, after everything it lists.
+    pub fn store_manifest(&self, m: &Manifest) -> Result<()> {
+        self.store.put(&format!("{}/{MANIFEST_FILE}", Repo::backup_key(&m.backup_id)), &m.to_bytes())
+    }
+
+    /// Removes backup prefixes that never got a manifest: those named like a
+    /// backup id that hold nothing but what a backup writes. Anything else
+    /// under `backups/` is left alone and named in the second list. Needs the
+    /// lock.
     pub fn remove_incomplete(&self, _lock: &RepoLock) -> Result<(Vec<String>, Vec<String>)> {
-        let dir = self.backups_dir();
         let (mut removed, mut foreign) = (Vec::new(), Vec::new());
-        for e in fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
-            let e = e.map_err(Error::io("read directory", &dir))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let p = e.path();
-            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            if real_dir && is_backup_id(&name) && fs::symlink_metadata(p.join(MANIFEST_FILE)).is_ok() {
+        for e in self.store.list(BACKUPS_DIR)? {
+            let real_dir = e.kind == Kind::Prefix;
+            if real_dir && is_backup_id(&e.name) && self.has_manifest(&e.name)? {
                 continue;
             }
-            if real_dir && is_backup_id(&name) && holds_only_backup_files(&p) {
-                fs::remove_dir_all(&p).map_err(Error::io("remove incomplete backup", &p))?;
-                removed.push(name);
+            let key = Repo::backup_key(&e.name);
+            if real_dir && is_backup_id(&e.name) && holds_only_backup_files(&self.store.list(&key)?) {
+                self.store.remove_prefix(&key)?;
+                removed.push(e.name);
             } else {
-                foreign.push(name);
+                foreign.push(e.name);
             }
-        }
-        if !removed.is_empty() {
-            safe_fs::fsync_dir(&dir)?;
         }
         Ok((removed, foreign))
     }
 
-    /// Removes one backup directory that never got a manifest (a backup that
-    /// failed just now). Needs the lock.
+    /// Removes one backup that never got a manifest (a backup that failed
+    /// just now). Needs the lock.
     pub fn remove_failed(&self, id: &str, _lock: &RepoLock) {
-        let p = self.backup_dir(id);
-        if is_backup_id(id) && !p.join(MANIFEST_FILE).exists() && holds_only_backup_files(&p) {
-            let _ = fs::remove_dir_all(&p);
+        let key = Repo::backup_key(id);
+        if is_backup_id(id) && !self.has_manifest(id).unwrap_or(true) {
+            if let Ok(entries) = self.store.list(&key) {
+                if holds_only_backup_files(&entries) {
+                    let _ = self.store.remove_prefix(&key);
+                }
+            }
         }
     }
 
@@ -294,11 +277,12 @@ impl Repo {
     pub fn new_backup_id(&self, kind: BackupType, _lock: &RepoLock) -> Result<String> {
         let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let after = self.backup_ids()?.last().and_then(|l| timefmt::parse_compact(l)).map_or(0, |t| t + 1);
+        let taken: Vec<String> = self.store.list(BACKUPS_DIR)?.into_iter().map(|e| e.name).collect();
         let mut t = now.max(after);
         loop {
             let id = format!("{}{}", timefmt::compact(std::time::UNIX_EPOCH + Duration::from_secs(t)), kind.letter());
-            // A directory left by a failed backup of that second is skipped, not reused.
-            if !self.backup_dir(&id).exists() {
+            // A prefix left by a failed backup of that second is skipped, not reused.
+            if !taken.contains(&id) {
                 return Ok(id);
             }
             t += 1;
@@ -306,22 +290,14 @@ impl Repo {
     }
 }
 
-/// Whether a directory holds only regular files a backup writes (streams,
+/// Whether a backup prefix holds only objects a backup writes (streams,
 /// its label files, a manifest being written), nothing else.
-fn holds_only_backup_files(dir: &Path) -> bool {
-    let Ok(rd) = fs::read_dir(dir) else { return false };
-    rd.flatten().all(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ours = crate::stream::is_stream_file_name(&name)
-            || matches!(name.as_str(), "backup_label" | "tablespace_map" | "manifest.json.tmp");
-        ours && e.file_type().is_ok_and(|t| t.is_file())
+fn holds_only_backup_files(entries: &[Entry]) -> bool {
+    entries.iter().all(|e| {
+        let ours = crate::stream::is_stream_file_name(&e.name)
+            || matches!(e.name.as_str(), "backup_label" | "tablespace_map" | "manifest.json.tmp");
+        ours && e.kind == Kind::Object
     })
-}
-
-/// Creates the directory of a new backup (mode 0750).
-pub fn create_backup_dir(path: &Path) -> Result<()> {
-    fs::create_dir(path).map_err(Error::io("create backup directory", path))?;
-    safe_fs::create_dir(path, DIR_MODE)
 }
 
 /// `20261127T031500F`
@@ -337,6 +313,7 @@ pub fn is_backup_id(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn create_open_lock_and_refuse_other_cluster() {
@@ -349,19 +326,20 @@ mod tests {
         assert!(err.contains("is locked by another blockstream process (pid"), "{err}");
         let id = repo.new_backup_id(BackupType::Full, &lock).unwrap();
         assert!(is_backup_id(&id), "{id}");
-        fs::create_dir_all(repo.backup_dir(&id)).unwrap();
-        fs::write(repo.backup_dir(&id).join("stream-00.bsz"), b"x").unwrap();
+        let dir = |id: &str| root.join("backups").join(id);
+        fs::create_dir_all(dir(&id)).unwrap();
+        fs::write(dir(&id).join("stream-00.bsz"), b"x").unwrap();
         assert!(repo.backup_ids().unwrap().is_empty(), "no manifest, no backup");
         // Not ours: an operator's directory, a backup-named directory with other files, a symbolic link.
-        fs::create_dir_all(repo.backups_dir().join("lost+found")).unwrap();
-        fs::create_dir_all(repo.backup_dir("20200101T000000F")).unwrap();
-        fs::write(repo.backup_dir("20200101T000000F").join("notes.txt"), b"keep me").unwrap();
-        std::os::unix::fs::symlink("/etc", repo.backup_dir("20200101T000001F")).unwrap();
+        fs::create_dir_all(root.join("backups/lost+found")).unwrap();
+        fs::create_dir_all(dir("20200101T000000F")).unwrap();
+        fs::write(dir("20200101T000000F").join("notes.txt"), b"keep me").unwrap();
+        std::os::unix::fs::symlink("/etc", dir("20200101T000001F")).unwrap();
         let (removed, mut foreign) = repo.remove_incomplete(&lock).unwrap();
         foreign.sort();
         assert_eq!(removed, vec![id]);
         assert_eq!(foreign, vec!["20200101T000000F", "20200101T000001F", "lost+found"]);
-        assert!(repo.backup_dir("20200101T000000F").join("notes.txt").exists());
+        assert!(dir("20200101T000000F").join("notes.txt").exists());
         drop(lock);
         // A clean release leaves no holder behind; a holder left in the file is a dead process's.
         assert!(repo.lock().unwrap().taken_over.is_none());

@@ -68,7 +68,7 @@ pub enum RecoveryTarget {
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
-    pub repo: PathBuf,
+    pub repo: crate::storage::SharedStore,
     pub target: PathBuf,
     /// `latest` or a backup id.
     pub backup: String,
@@ -126,7 +126,7 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
     if opts.jobs == 0 {
         return Err(Error::Usage("jobs must be at least 1".into()));
     }
-    let repo = Repo::open(&opts.repo)?;
+    let repo = Repo::open_store(opts.repo.clone())?;
     let id = match opts.backup.as_str() {
         "latest" => choose_backup(&repo, &opts.recovery_target)?,
         other => repo.resolve(other)?,
@@ -313,7 +313,7 @@ pub fn choose_backup(repo: &Repo, target: &RecoveryTarget) -> Result<String> {
                 m.stop_time, m.stop_lsn
             )))
         }
-        None => Err(Error::Usage(format!("repository \"{}\" holds no backup yet", repo.root().display()))),
+        None => Err(Error::Usage(format!("repository \"{}\" holds no backup yet", repo.location()))),
     }
 }
 

@@ -21,15 +21,11 @@
 //! bytes belong at that offset of that file.
 
 use std::fmt;
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::hash::{sha256, to_hex, HashingWriter};
+use crate::hash::{sha256, to_hex};
 use crate::manifest::{limits, ChunkMeta};
-use crate::safe_fs;
+use crate::storage::{ObjectReader, ObjectWriter, Store};
 
 pub const STREAM_MAGIC: &[u8; 8] = b"BLKSTRM\0";
 pub const STREAM_VERSION: u32 = 1;
@@ -150,27 +146,31 @@ pub fn parse_chunk<'a>(raw: &'a [u8], what: &dyn fmt::Display) -> Result<Vec<Rec
     Ok(records)
 }
 
-/// Appends stored chunks to a new stream file, hashing each on its way to disk.
+/// Appends stored chunks to a new stream object, hashing each on its way out.
 pub struct StreamWriter {
     pub index: u16,
     /// The failpoint hit after each chunk (see [`crate::failpoint`]).
     pub failpoint: &'static str,
-    path: PathBuf,
-    out: HashingWriter<File>,
+    name: String,
+    what: String,
+    out: Box<dyn ObjectWriter>,
     offset: u64,
     pub chunks: Vec<ChunkMeta>,
 }
 
 impl StreamWriter {
-    pub fn create(dir: &Path, index: u16, backup_id: &str) -> Result<Self> {
-        let path = dir.join(stream_file_name(index as usize));
-        let mut file = safe_fs::create_new(&path, safe_fs::FILE_MODE)?;
-        file.write_all(&header(index.into(), backup_id)).map_err(Error::io("write", &path))?;
+    /// Creates stream `index` of `backup_id` under the key prefix `prefix`.
+    pub fn create(store: &dyn Store, prefix: &str, index: u16, backup_id: &str) -> Result<Self> {
+        let name = stream_file_name(index as usize);
+        let key = crate::storage::join(prefix, &name);
+        let mut out = store.create(&key)?;
+        out.write_all(&header(index.into(), backup_id))?;
         Ok(StreamWriter {
             index,
             failpoint: "copy-chunk",
-            path,
-            out: HashingWriter::new(file),
+            name,
+            what: store.describe(&key),
+            out,
             offset: HEADER_LEN,
             chunks: Vec::new(),
         })
@@ -183,50 +183,56 @@ impl StreamWriter {
 
     /// Writes one stored chunk and records where it lives and its digest.
     pub fn append(&mut self, stored: &[u8], raw_len: usize) -> Result<u32> {
-        self.out.write_all(stored).map_err(Error::io("write", &self.path))?;
-        let (digest, n) = self.out.take_digest();
+        let digest = sha256(stored);
+        self.out.write_all(stored)?;
         crate::failpoint::hit(self.failpoint);
+        let n = stored.len() as u64;
         self.chunks.push(ChunkMeta { offset: self.offset, stored: n, raw: raw_len as u64, sha256: to_hex(&digest) });
         self.offset += n;
         Ok(self.chunks.len() as u32 - 1)
     }
 
-    /// Size of the stream file so far.
+    /// Size of the stream so far.
     pub fn bytes(&self) -> u64 {
         self.offset
     }
 
-    /// Makes the stream durable and returns its chunk list.
+    /// How messages name the stream.
+    pub fn describe(&self) -> &str {
+        &self.what
+    }
+
+    /// Makes the stream durable and returns its name, size and chunk list.
     pub fn finish(self) -> Result<(String, u64, Vec<ChunkMeta>)> {
-        self.out.get_ref().sync_all().map_err(Error::io("fsync", &self.path))?;
-        let name = self.path.file_name().unwrap().to_string_lossy().into_owned();
-        Ok((name, self.offset, self.chunks))
+        self.out.finish()?;
+        Ok((self.name, self.offset, self.chunks))
     }
 }
 
-/// Reads chunks of one stream file, checking each against its digest.
+/// Reads chunks of one stream object, checking each against its digest.
 /// Shared by reading threads (reads are positional).
 pub struct StreamReader {
-    path: PathBuf,
-    file: File,
+    what: String,
+    object: Box<dyn ObjectReader>,
     len: u64,
 }
 
 impl StreamReader {
-    /// Opens `root/rel` (a regular file, reached without following a symbolic
-    /// link) and checks its header names stream `index` of `backup_id`.
-    pub fn open(root: &Path, rel: &str, index: u16, backup_id: &str) -> Result<Self> {
-        let path = root.join(rel);
-        let file = safe_fs::open_beneath(root, rel)?;
-        let len = file.metadata().map_err(Error::io("stat", &path))?.len();
+    /// Opens object `key` (in a directory: a regular file, reached without
+    /// following a symbolic link) and checks its header names stream `index`
+    /// of `backup_id`.
+    pub fn open(store: &dyn Store, key: &str, index: u16, backup_id: &str) -> Result<Self> {
+        let what = store.describe(key);
+        let object = store.open(key)?;
+        let len = object.len();
         let mut h = [0u8; HEADER_LEN as usize];
-        file.read_exact_at(&mut h, 0)
-            .map_err(|e| Error::Corrupt(format!("stream file \"{}\" has no complete header: {e}", path.display())))?;
+        object
+            .read_exact_at(&mut h, 0)
+            .map_err(|e| Error::Corrupt(format!("stream file \"{what}\" has no complete header: {e}")))?;
         let expected = header(index.into(), backup_id);
         if h[0..8] != expected[0..8] {
             return Err(Error::Corrupt(format!(
-                "stream file \"{}\" has bad magic {:02x?}, expected {:02x?}",
-                path.display(),
+                "stream file \"{what}\" has bad magic {:02x?}, expected {:02x?}",
                 &h[0..8],
                 STREAM_MAGIC
             )));
@@ -234,23 +240,22 @@ impl StreamReader {
         let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
         if version != STREAM_VERSION {
             return Err(Error::Corrupt(format!(
-                "stream file \"{}\" has format version {version}, expected {STREAM_VERSION}",
-                path.display()
+                "stream file \"{what}\" has format version {version}, expected {STREAM_VERSION}"
             )));
         }
         if h != expected {
             return Err(Error::Corrupt(format!(
-                "stream file \"{}\" belongs to another stream or backup (header names stream {} of \"{}\", expected stream {index} of \"{backup_id}\")",
-                path.display(),
+                "stream file \"{what}\" belongs to another stream or backup (header names stream {} of \"{}\", expected stream {index} of \"{backup_id}\")",
                 u32::from_le_bytes(h[12..16].try_into().unwrap()),
                 String::from_utf8_lossy(&h[16..]).trim_end_matches('\0')
             )));
         }
-        Ok(StreamReader { path, file, len })
+        Ok(StreamReader { what, object, len })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// How messages name the stream.
+    pub fn describe(&self) -> &str {
+        &self.what
     }
 
     /// Reads the stored bytes of a chunk into `buf` and checks their SHA-256.
@@ -261,15 +266,12 @@ impl StreamReader {
         if meta.stored > limits::stored_bound(limits::CHUNK_RAW) || end.is_none_or(|e| e > self.len) {
             return Err(Error::Corrupt(format!(
                 "{what} is missing: {} bytes at offset {} lie past the end of \"{}\" ({} bytes)",
-                meta.stored,
-                meta.offset,
-                self.path.display(),
-                self.len
+                meta.stored, meta.offset, self.what, self.len
             )));
         }
         buf.clear();
         buf.resize(meta.stored as usize, 0);
-        self.file.read_exact_at(buf, meta.offset).map_err(|e| {
+        self.object.read_exact_at(buf, meta.offset).map_err(|e| {
             Error::Corrupt(format!(
                 "{what} is missing: could not read {} bytes at offset {}: {e}",
                 meta.stored, meta.offset
@@ -320,27 +322,26 @@ mod tests {
 
     #[test]
     fn stream_write_read_and_tamper() {
-        let dir = std::env::temp_dir().join(format!("bs-stream-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut w = StreamWriter::create(&dir, 1, "20261127T031500F").unwrap();
+        let store = crate::storage::memory::MemoryStore::new("streams");
+        let mut w = StreamWriter::create(&store, "backups/x", 1, "20261127T031500F").unwrap();
         w.append(b"first", 5).unwrap();
         w.append(b"second", 6).unwrap();
         let (name, bytes, chunks) = w.finish().unwrap();
         assert_eq!((name.as_str(), bytes), ("stream-01.bsz", HEADER_LEN + 11));
-        let path = dir.join(&name);
-        let r = StreamReader::open(&dir, &name, 1, "20261127T031500F").unwrap();
+        let key = format!("backups/x/{name}");
+        let r = StreamReader::open(&store, &key, 1, "20261127T031500F").unwrap();
         let mut buf = Vec::new();
         r.read_chunk(&chunks[1], &mut buf, &"chunk 1").unwrap();
         assert_eq!(buf, b"second");
-        assert!(StreamReader::open(&dir, &name, 2, "20261127T031500F").is_err());
+        assert!(StreamReader::open(&store, &key, 2, "20261127T031500F").is_err());
         let past = ChunkMeta { offset: bytes - 2, stored: 5, ..chunks[1].clone() };
         let err = r.read_chunk(&past, &mut buf, &"chunk 9").unwrap_err().to_string();
         assert!(err.contains("chunk 9 is missing") && err.contains("past the end"), "{err}");
-        let f = File::options().write(true).open(&path).unwrap();
-        f.write_all_at(b"S", chunks[1].offset).unwrap();
+        let mut damaged = store.get(&key).unwrap();
+        damaged[chunks[1].offset as usize] = b'S';
+        store.replace(&key, damaged);
+        let r = StreamReader::open(&store, &key, 1, "20261127T031500F").unwrap();
         let err = r.read_chunk(&chunks[1], &mut buf, &"chunk 1").unwrap_err().to_string();
         assert!(err.contains("chunk 1 is damaged"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -58,7 +58,8 @@ pub fn open_streams(repo: &Repo, m: &Manifest) -> Result<Vec<StreamReader>> {
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            StreamReader::open(repo.root(), &format!("backups/{}/{}", m.backup_id, s.name), i as u16, &m.backup_id)
+            let key = crate::storage::join(&Repo::backup_key(&m.backup_id), &s.name);
+            StreamReader::open(repo.store(), &key, i as u16, &m.backup_id)
         })
         .collect()
 }

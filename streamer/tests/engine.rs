@@ -24,7 +24,7 @@ fn scratch(name: &str) -> PathBuf {
 fn options(data: &Path, repo: &Path, mode: BackupMode, jobs: usize) -> BackupOptions {
     BackupOptions {
         pgdata: data.to_path_buf(),
-        repo: repo.to_path_buf(),
+        repo: blockstream::storage::at(repo),
         jobs,
         copy: CopyConfig::default(),
         label: Some("engine test".into()),
@@ -216,4 +216,81 @@ fn archive_push_fetch_gaps_and_prune() {
     assert!(archive::fetch(&repo, &wal_file_name(1, 3, seg as u64)).unwrap().is_none());
     assert!(archive::fetch(&repo, &wal_file_name(1, 5, seg as u64)).unwrap().is_some());
     assert!(archive::fetch(&repo, "00000002.history").unwrap().is_some());
+}
+
+/// The committed repository of format version 1 (`tests/fixtures/repo-v1`,
+/// a full and an incremental backup of a fake cluster): every later version
+/// must still verify and restore it. Its restored files' SHA-256 are in
+/// `tests/fixtures/repo-v1.sha256`. Rewrite both (only when the format
+/// version changes, as a new fixture) with
+/// `cargo test --release -p blockstream --test engine -- --ignored write_format_v1_fixture`.
+const FIXTURE_FILES: [&str; 5] = ["base/5/16384", "base/5/16390", "PG_VERSION", "global/pg_control", "pg_xact/0000"];
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+#[test]
+#[ignore]
+fn write_format_v1_fixture() {
+    let base = scratch("fixture");
+    let mut c = FakeCluster::create(&base.join("data"), 7_000_000_000_000_000_001);
+    for b in 0..40 {
+        c.write_block("base/5/16384", b, b as u8 + 1);
+    }
+    let repo = fixture_dir().join("repo-v1");
+    let _ = std::fs::remove_dir_all(&repo);
+    run_backup(&options(&c.data, &repo, BackupMode::Full, 2), &mut c.session(), &Progress::default()).unwrap();
+    c.write_block("base/5/16384", 7, 0xEE);
+    c.write_block("base/5/16390", 0, 0xDD);
+    run_backup(&options(&c.data, &repo, BackupMode::Incr, 2), &mut c.session(), &Progress::default()).unwrap();
+    let _ = std::fs::remove_file(repo.join("lock"));
+    let sums: String = FIXTURE_FILES
+        .iter()
+        .map(|rel| {
+            let d = blockstream::hash::sha256(&std::fs::read(c.data.join(rel)).unwrap());
+            format!("{}  {rel}\n", blockstream::hash::to_hex(&d))
+        })
+        .collect();
+    std::fs::write(fixture_dir().join("repo-v1.sha256"), sums).unwrap();
+}
+
+#[test]
+fn format_v1_fixture_still_verifies_and_restores() {
+    let base = scratch("fixture-read");
+    // A copy: verify logs into the repository.
+    let repo = base.join("repo-v1");
+    let ok = std::process::Command::new("cp").arg("-a").arg(fixture_dir().join("repo-v1")).arg(&repo).status().unwrap();
+    assert!(ok.success());
+    let r = Repo::open(&repo).unwrap();
+    assert_eq!(r.info.version, 1);
+    let ids = r.backup_ids().unwrap();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(r.load_manifest(&ids[1]).unwrap().parent.as_deref(), Some(ids[0].as_str()));
+    for id in &ids {
+        let check = verify_backup(&r, id, 2, &Progress::default());
+        assert!(check.problems.is_empty(), "{id}: {:?}", check.problems.iter().map(|p| &p.detail).collect::<Vec<_>>());
+    }
+    let root = unsafe { libc::geteuid() } == 0;
+    let target = base.join("restored");
+    if root {
+        std::fs::create_dir(&target).unwrap();
+        let ok = std::process::Command::new("chown").args(["nobody"]).arg(&target).status().unwrap();
+        assert!(ok.success());
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blockstream"))
+        .args(["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap(), "-j", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = std::fs::read_to_string(fixture_dir().join("repo-v1.sha256")).unwrap();
+    let mut lines = 0;
+    for line in expected.lines() {
+        let (sum, rel) = line.split_once("  ").unwrap();
+        let d = blockstream::hash::sha256(&std::fs::read(target.join(rel)).unwrap());
+        assert_eq!(blockstream::hash::to_hex(&d), sum, "{rel}");
+        lines += 1;
+    }
+    assert_eq!(lines, FIXTURE_FILES.len());
+    std::fs::remove_dir_all(&base).unwrap();
 }

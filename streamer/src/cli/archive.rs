@@ -293,12 +293,7 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
             "queue_oldest_secs": if queued == 0 { 0.0 } else { oldest.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0) },
             "push_failures": failures,
         });
-        let _ = safe_fs::write_durably(
-            &repo.root().join(archive::ARCHIVE_DIR),
-            "push-status.json",
-            status.to_string().as_bytes(),
-            safe_fs::FILE_MODE,
-        );
+        let _ = repo.store().put(archive::PUSH_STATUS, status.to_string().as_bytes());
         if failed {
             std::thread::sleep(Duration::from_secs(1));
         } else {
@@ -459,6 +454,6 @@ pub fn summary(repo: &Repo, seg_size: u64) -> serde_json::Value {
             })
         })
         .collect();
-    let status = catalog::read_log(&repo.root().join(archive::ARCHIVE_DIR), "push-status.json").pop();
+    let status = catalog::read_log(repo, archive::PUSH_STATUS).pop();
     json!({"timelines": timelines, "bytes": listing.bytes, "histories": listing.histories, "push_status": status})
 }

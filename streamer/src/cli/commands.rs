@@ -53,7 +53,8 @@ fn become_repo_owner(repo: &Repo) -> anyhow::Result<()> {
     if !blockstream::privs::is_root() {
         return Ok(());
     }
-    match blockstream::privs::owner_of(repo.root()) {
+    let Some(root) = repo.local_root() else { return Ok(()) };
+    match blockstream::privs::owner_of(root) {
         Some(0) | None => Ok(()),
         Some(uid) => Ok(blockstream::privs::become_user(&blockstream::privs::user_by_uid(uid)?)?),
     }
@@ -81,7 +82,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     become_cluster_owner(&pgdata)?;
     let opts = BackupOptions {
         pgdata: absolute(&pgdata),
-        repo: absolute(&a.repo),
+        repo: blockstream::storage::at(&absolute(&a.repo)),
         jobs: a.jobs,
         copy: CopyConfig { compression: a.compress, max_rate: a.max_rate, ..CopyConfig::default() },
         label: a.label.clone(),
@@ -92,7 +93,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         allow_checksum_failures: a.allow_checksum_failures,
     };
     let progress = std::sync::Arc::new(Progress::default());
-    let reporter = session.report("backup", opts.repo.display().to_string(), progress.clone());
+    let reporter = session.report("backup", opts.repo.location(), progress.clone());
     let m = with_progress(progress_on(a.progress, a.output), &progress, || run_backup(&opts, &mut session, &progress));
     drop(reporter);
     let m = m?;
@@ -101,7 +102,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     }
     let s = &m.stats;
     match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&backup_json(&m, &opts.repo))?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&backup_json(&m, &opts.repo.location()))?),
         Output::Text => {
             println!(
                 "backup {} ({}) of {} done in {:.1} s",
@@ -135,7 +136,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
                 m.compression
             );
             println!("  {:.1} MiB/s; {:.1} s in pg_backup_start/stop", s.throughput_mib_s, s.server_secs);
-            println!("  repository {}", opts.repo.display());
+            println!("  repository {}", opts.repo.location());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -170,12 +171,12 @@ fn type_name(m: &Manifest) -> &'static str {
     }
 }
 
-fn backup_json(m: &Manifest, repo: &Path) -> serde_json::Value {
+fn backup_json(m: &Manifest, repo: &str) -> serde_json::Value {
     json!({
         "backup_id": m.backup_id,
         "type": type_name(m),
         "parent": m.parent,
-        "repository": repo.display().to_string(),
+        "repository": repo,
         "label": m.label,
         "system_identifier": m.system_identifier.to_string(),
         "timeline": m.timeline,
@@ -236,7 +237,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let opts = RestoreOptions {
-        repo,
+        repo: blockstream::storage::at(&repo),
         target: absolute(&a.pgdata),
         backup: a.backup.clone(),
         jobs: a.jobs,
@@ -284,7 +285,8 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
 /// Warns on stderr about repository paths others than the owner and group
 /// may read, or the group may write.
 fn warn_loose_modes(repo: &Repo) {
-    let loose = blockstream::safe_fs::loose_modes(repo.root(), 6);
+    let Some(root) = repo.local_root() else { return };
+    let loose = blockstream::safe_fs::loose_modes(root, 6);
     for (path, mode) in loose.iter().take(5) {
         eprintln!(
             "blockstream: warning: \"{path}\" has mode {mode:04o}: a repository holds the whole database; use 0750 for directories and 0640 for files"
@@ -302,7 +304,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     for id in repo.backup_ids()? {
         rows.push((id.clone(), repo.load_manifest(&id)));
     }
-    let drills = super::drill::last_drills(repo.root());
+    let drills = super::drill::last_drills(&repo);
     let archive = super::archive::summary(&repo, segment_size(&repo));
     // What can be recovered: from the end of the oldest backup to the end of
     // the newest archived segment (or of the newest backup).
@@ -326,7 +328,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|(id, m)| match m {
                     Ok(m) => {
-                        let mut v = backup_json(m, repo.root());
+                        let mut v = backup_json(m, &repo.location());
                         v["last_drill"] = drills.get(id).cloned().unwrap_or(serde_json::Value::Null);
                         v
                     }
@@ -336,7 +338,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&json!({
-                    "repository": repo.root().display().to_string(),
+                    "repository": repo.location(),
                     "system_identifier": repo.info.system_identifier.to_string(),
                     "pg_version_num": repo.info.pg_version_num,
                     "backups": backups,
@@ -348,7 +350,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         Output::Text => {
             println!(
                 "repository {} (system identifier {}, PostgreSQL {})",
-                repo.root().display(),
+                repo.location(),
                 repo.info.system_identifier,
                 repo.info.pg_version_num / 10000
             );
@@ -452,7 +454,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             "stored_bytes": r.stored_bytes,
             "source": "cli",
         });
-        if let Err(e) = blockstream::catalog::append_log(repo.root(), blockstream::catalog::VERIFY_LOG, &record) {
+        if let Err(e) = blockstream::catalog::append_log(&repo, blockstream::catalog::VERIFY_LOG, &record) {
             eprintln!("blockstream: warning: the verify log was not written: {e}");
         }
     }
@@ -494,7 +496,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             if ids.is_empty() {
-                println!("repository {} holds no backup", repo.root().display());
+                println!("repository {} holds no backup", repo.location());
             }
         }
     }
@@ -508,7 +510,7 @@ fn metrics(a: MetricsArgs) -> anyhow::Result<ExitCode> {
     let seg = segment_size(&repo);
     let samples = blockstream::metrics::samples(
         &rows,
-        blockstream::catalog::repository_bytes(repo.root()),
+        repo.store().total_bytes(),
         now,
         blockstream::metrics::ServerFacts::default(),
         blockstream::archive::facts(&repo, seg).as_ref(),
@@ -547,7 +549,7 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
         // Leftovers of a killed backup or expire go first.
         repo.remove_incomplete(l)?;
     }
-    let before = blockstream::catalog::repository_bytes(repo.root());
+    let before = repo.store().total_bytes();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let decisions = blockstream::expire::plan(&blockstream::expire::entries(&repo)?, &policy, now);
     let progress = Progress::default();
@@ -565,7 +567,7 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
         Some((start, seg)) => blockstream::expire::prune_archive(&repo, start, seg, a.dry_run)?,
         None => Vec::new(),
     };
-    let after = blockstream::catalog::repository_bytes(repo.root());
+    let after = repo.store().total_bytes();
     match a.output {
         Output::Json => println!(
             "{}",
@@ -606,8 +608,8 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
 fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
     let repo = Repo::open(&absolute(&a.repo))?;
     let rows = blockstream::catalog::list(&repo)?;
-    let verifies = blockstream::catalog::read_log(repo.root(), blockstream::catalog::VERIFY_LOG);
-    let drills = blockstream::catalog::read_log(repo.root(), blockstream::catalog::DRILL_LOG);
+    let verifies = blockstream::catalog::read_log(&repo, blockstream::catalog::VERIFY_LOG);
+    let drills = blockstream::catalog::read_log(&repo, blockstream::catalog::DRILL_LOG);
     let decisions = match policy(&a.retention) {
         Some(p) => {
             if let Err(e) = p.check() {
@@ -620,7 +622,7 @@ fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let html = blockstream::report::render(
-        &repo.root().display().to_string(),
+        &repo.location(),
         &rows,
         &verifies,
         &drills,

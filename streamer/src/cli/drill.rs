@@ -147,7 +147,7 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
         "relations_checked": f.relations,
         "problems": f.problems,
     });
-    blockstream::catalog::append_log(repo.root(), blockstream::catalog::DRILL_LOG, &record)
+    blockstream::catalog::append_log(&repo, blockstream::catalog::DRILL_LOG, &record)
         .context("could not append to the drill log")?;
     print_summary(&d, &a, &f, &record)?;
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -204,7 +204,7 @@ fn make_private_dir(d: &Drill) -> anyhow::Result<()> {
 fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()> {
     let exe = std::env::current_exe().map_err(blockstream::Error::io("find", Path::new("/proc/self/exe")))?;
     let opts = RestoreOptions {
-        repo: d.repo.clone(),
+        repo: blockstream::storage::at(&d.repo),
         target: d.data(),
         backup: d.id.clone(),
         jobs: a.jobs,
@@ -383,6 +383,6 @@ fn print_summary(d: &Drill, a: &DrillArgs, f: &Findings, record: &serde_json::Va
 }
 
 /// The latest drill of each backup, from the repository's drill log.
-pub fn last_drills(repo: &Path) -> std::collections::HashMap<String, serde_json::Value> {
+pub fn last_drills(repo: &Repo) -> std::collections::HashMap<String, serde_json::Value> {
     blockstream::catalog::last_by_backup(&blockstream::catalog::read_log(repo, blockstream::catalog::DRILL_LOG))
 }

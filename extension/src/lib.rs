@@ -349,10 +349,7 @@ fn changed_blocks(
     let rows: Vec<_> = tracking::segment_rows(&table)
         .into_iter()
         .map(|r| {
-            let mut bytes = Vec::with_capacity(r.blocks.len() * 4);
-            for b in &r.blocks {
-                bytes.extend_from_slice(&b.to_le_bytes());
-            }
+            let bytes = blockstream::plan::encode_blocks(&r.blocks);
             (
                 r.path,
                 pg_sys::Oid::from(r.spc),

@@ -33,6 +33,24 @@ pub struct ChangedSegment {
     pub blocks: Vec<u32>,
 }
 
+/// The `blocks` column of `blocktrack.changed_blocks` (bytea): each block
+/// number as 4 bytes, little-endian. The extension encodes, the command
+/// line decodes; both through these two functions.
+pub fn encode_blocks(blocks: &[u32]) -> Vec<u8> {
+    blocks.iter().flat_map(|b| b.to_le_bytes()).collect()
+}
+
+/// Decodes [`encode_blocks`]; `what` names the row in the error.
+pub fn decode_blocks(bytes: &[u8], what: &str) -> crate::Result<Vec<u32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(crate::Error::Server(format!(
+            "changed_blocks returned {} bytes of blocks for \"{what}\", not a multiple of 4",
+            bytes.len()
+        )));
+    }
+    Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+}
+
 /// The changed-block rows, indexed for planning.
 #[derive(Debug, Default)]
 pub struct ChangeSet {
@@ -152,6 +170,14 @@ impl<'a> Planner<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_lists_round_trip_and_odd_lengths_are_refused() {
+        let blocks = vec![0, 7, 131_071, u32::MAX];
+        assert_eq!(decode_blocks(&encode_blocks(&blocks), "x").unwrap(), blocks);
+        let err = decode_blocks(&[1, 2, 3], "base/5/16384").unwrap_err().to_string();
+        assert!(err.contains("3 bytes of blocks for \"base/5/16384\""), "{err}");
+    }
     use crate::manifest::tests::sample;
 
     fn file(rel: &str, blocks: u64) -> SourceFile {

@@ -263,12 +263,7 @@ impl BackupSession for PgSession {
             .map(|r| {
                 let path: String = field(r, 0, what)?;
                 let blocks = unhex(r.get(6).and_then(|v| v.as_deref()).unwrap_or(""), what)?;
-                if !blocks.len().is_multiple_of(4) {
-                    return Err(Error::Server(format!(
-                        "changed_blocks returned {} bytes of blocks for \"{path}\", not a multiple of 4",
-                        blocks.len()
-                    )));
-                }
+                let blocks = blockstream::plan::decode_blocks(&blocks, &path)?;
                 Ok(ChangedSegment {
                     relfilenode: r.get(1).cloned().flatten().map(|v| v.parse()).transpose().map_err(|_| {
                         Error::Server(format!("{what} returned a relfilenode that is not a number for \"{path}\""))
@@ -279,7 +274,7 @@ impl BackupSession for PgSession {
                         Error::Server(format!("{what} returned a limit block that is not a number for \"{path}\""))
                     })?,
                     full_copy: bool_field(r, 5, what)?,
-                    blocks: blocks.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    blocks,
                     path,
                 })
             })

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""The floor under a restore: what writing, decompressing and hashing the
+restored bytes cost at best on this machine, beside our restore of the same
+backup.
+
+  python3 bench/floor.py [--scale 50] [--jobs 2] [--reps 3] [--out BENCHMARKS-floor.md]
+
+- buffered writes of the restored size into one file, then fsync (dd conv=fsync);
+- O_DIRECT writes of 4 MiB (dd oflag=direct), which skip the page cache;
+- decompression alone: `zstd -d` of the backup's streams (one thread; divided by
+  --jobs for the parallel floor);
+- SHA-256 of the restored bytes (`openssl dgst -sha256`, one thread, SHA
+  extensions like our sha2 crate; coreutils' sha256sum has none), what
+  restore's end-to-end digest check costs;
+- blockstream restore -j JOBS of the same full backup into an empty directory.
+
+Run as root; needs what scripts/setup.sh installs and a release build.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import BS, PG_BIN, ROOT, fresh_dir, psql, sh  # noqa: E402
+
+BASE = Path("/tmp/blockstream-floor")
+PORT = 5496
+
+
+def seconds(cmd, shell=False):
+    t = time.monotonic()
+    subprocess.run(cmd, check=True, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=int, default=50)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS-floor.md"))
+    a = p.parse_args()
+
+    data, repo = BASE / "data", BASE / "repo"
+    sh([PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "stop"], user="postgres", check=False)
+    fresh_dir(BASE)
+    sh([PG_BIN / "initdb", "-k", "-A", "trust", "-U", "postgres", "-D", data], user="postgres", capture=True)
+    conf = (ROOT / "pg_test_configs/blocktrack.conf").read_text() + f"port = {PORT}\n"
+    with open(data / "postgresql.conf", "a") as f:
+        f.write(conf)
+    sh([PG_BIN / "pg_ctl", "-D", data, "-l", BASE / "server.log", "-w", "start"], user="postgres", capture=True)
+    psql(PORT, "CREATE EXTENSION pg_blocktrack")
+    sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-i", "-q", "-s", a.scale, "postgres"],
+       user="postgres", capture=True)
+    psql(PORT, "CHECKPOINT")
+    fresh_dir(repo)
+    sh([BS, "backup", "-D", data, "-h", "/tmp", "-p", PORT, "-U", "postgres", "--repo", repo, "-j", a.jobs],
+       user="postgres", capture=True)
+    sh([PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], user="postgres", capture=True)
+
+    (backup,) = [d for d in (repo / "backups").iterdir() if d.is_dir()]
+    streams = sorted(backup.glob("stream-*.bsz"))
+    stored = sum(s.stat().st_size for s in streams)
+    target = BASE / "target"
+    rows, results = [], {}
+
+    def measure(name, fn):
+        runs = []
+        for _ in range(a.reps):
+            runs.append(fn())
+        results[name] = runs
+        print(f"  {name}: {', '.join(f'{r:.2f}' for r in runs)} s", flush=True)
+
+    # Our restore first: it gives the restored size the floors write.
+    def restore():
+        fresh_dir(target).chmod(0o700)
+        return seconds(["runuser", "-u", "postgres", "--", BS, "restore", "--repo", repo, "-D", target,
+                        "-j", str(a.jobs)])
+    measure(f"blockstream restore -j {a.jobs}", restore)
+    restored = int(subprocess.run(["du", "-sb", target], capture_output=True, text=True, check=True)
+                   .stdout.split()[0])
+    mib = restored / 2**20
+    blob = BASE / "floor.bin"
+    count = max(1, restored // (4 << 20))
+
+    def buffered():
+        blob.unlink(missing_ok=True)
+        return seconds(["dd", "if=/dev/zero", f"of={blob}", "bs=4M", f"count={count}", "conv=fsync"])
+
+    def direct():
+        blob.unlink(missing_ok=True)
+        return seconds(["dd", "if=/dev/zero", f"of={blob}", "bs=4M", f"count={count}", "oflag=direct", "conv=fsync"])
+
+    # Every stream is a 32-byte header and zstd frames end to end.
+    dec = " ; ".join(f"tail -c +33 {s} | zstd -d -q -c > /dev/null" for s in streams)
+    hashing = f"cat $(find {target} -type f) | openssl dgst -sha256 > /dev/null"
+    measure("buffered write + fsync (dd conv=fsync, 4 MiB)", buffered)
+    measure("O_DIRECT write (dd oflag=direct, 4 MiB)", direct)
+    measure("zstd -d of the streams (1 thread)", lambda: seconds(dec, shell=True))
+    measure("SHA-256 of the restored bytes (1 thread, page cache)", lambda: seconds(hashing, shell=True))
+    blob.unlink(missing_ok=True)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ours = med[f"blockstream restore -j {a.jobs}"]
+    write_floor = min(med["buffered write + fsync (dd conv=fsync, 4 MiB)"],
+                      med["O_DIRECT write (dd oflag=direct, 4 MiB)"])
+    floor = max(write_floor, med["zstd -d of the streams (1 thread)"] / a.jobs)
+    rows.append("| step | median (s) | runs (s) | MiB/s of restored data |")
+    rows.append("|---|---:|---|---:|")
+    for k, v in results.items():
+        rows.append(f"| {k} | {med[k]:.2f} | {', '.join(f'{r:.2f}' for r in v)} | {mib / med[k]:.0f} |")
+    text = [
+        "# Restore floor",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. `python3 bench/floor.py --scale {a.scale} "
+        f"--jobs {a.jobs} --reps {a.reps}`.",
+        "",
+        f"pgbench scale {a.scale}: a full backup of {mib:.0f} MiB restored, {stored / 2**20:.1f} MiB stored "
+        f"in {len(streams)} streams.",
+        "",
+        *rows,
+        "",
+        f"Floor = max(best write {write_floor:.2f} s, zstd -d / {a.jobs} threads "
+        f"{med['zstd -d of the streams (1 thread)'] / a.jobs:.2f} s) = {floor:.2f} s; "
+        f"our restore is {ours / floor:.2f}x the floor.",
+        "",
+    ]
+    Path(a.out).write_text("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@
 
 pub mod memory;
 pub mod posix;
+pub mod repo;
 
 use std::fmt;
 use std::path::Path;

@@ -1,0 +1,15 @@
+//! On-disk formats: the only code that reads or writes their bytes, each
+//! bounding every length it decodes before it sizes an allocation or a loop.
+//!
+//! - [`manifest`]: `manifest.json`, the only proof that a backup exists;
+//! - [`stream`]: stream files and the chunks inside them;
+//! - [`blkref`]: the changed-block summaries pg_blocktrack writes, and its state file;
+//! - [`backup_label`], [`pg_control`]: PostgreSQL's own files a backup reads;
+//! - [`lsn`]: LSNs and WAL file names.
+
+pub mod backup_label;
+pub mod blkref;
+pub mod lsn;
+pub mod manifest;
+pub mod pg_control;
+pub mod stream;

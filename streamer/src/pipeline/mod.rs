@@ -1,0 +1,16 @@
+//! The hot path and what it decides: read -> hash -> compress -> write, and
+//! its reverse.
+//!
+//! - [`plan`]: what an incremental backup copies of each file;
+//! - [`copy`]: spreads the pieces of those files over N parallel streams;
+//! - [`chain`]: which backup of a chain each restored block comes from;
+//! - [`codec`]: chunk compression (zstd), one context per thread;
+//! - [`hash`]: SHA-256 of pieces and the two-level file digest;
+//! - [`checksum`]: PostgreSQL's page checksum.
+
+pub mod chain;
+pub mod checksum;
+pub mod codec;
+pub mod copy;
+pub mod hash;
+pub mod plan;

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::bounded;
 
-use crate::codec::Decompressor;
+use crate::codec::{Compression, Decompressor};
 use crate::error::{Error, Result};
 use crate::hash::{file_digest, sha256, to_hex, Digest};
-use crate::manifest::{FileEntry, Manifest};
+use crate::manifest::{ChunkMeta, FileEntry, Manifest};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::stream::{parse_chunk, Record, StreamReader};
@@ -219,6 +219,25 @@ impl<'m> PieceIndex<'m> {
     }
 }
 
+/// Reads chunk `meta` into `stored` (its SHA-256 checked) and decompresses
+/// it into `raw` with the thread's decompressor, made on first use.
+fn decode_chunk(
+    reader: &StreamReader,
+    meta: &ChunkMeta,
+    compression: Compression,
+    name: &ChunkName,
+    stored: &mut Vec<u8>,
+    raw: &mut Vec<u8>,
+    decompressor: &mut Option<Decompressor>,
+) -> Result<()> {
+    reader.read_chunk(meta, stored, name)?;
+    let dec = match decompressor {
+        Some(d) => d,
+        None => decompressor.insert(Decompressor::new(compression)?),
+    };
+    dec.decompress(stored, meta.raw as usize, raw, name)
+}
+
 #[derive(Default)]
 struct DecodeState {
     stored: Vec<u8>,
@@ -246,12 +265,7 @@ pub fn decode_chunks(
         for_each_chunk(streams, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
             let meta = &m.streams[stream as usize].chunks[chunk as usize];
             let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
-            reader.read_chunk(meta, &mut st.stored, &name)?;
-            let dec = match &mut st.decompressor {
-                Some(d) => d,
-                None => st.decompressor.insert(Decompressor::new(m.compression)?),
-            };
-            dec.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
+            decode_chunk(reader, meta, m.compression, &name, &mut st.stored, &mut st.raw, &mut st.decompressor)?;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;
                 st.digests.push((rec.file, piece, sha256(rec.data)));
@@ -415,13 +429,8 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
         progress.add(meta.stored);
         let mut decode = || -> Result<()> {
-            reader.read_chunk(meta, &mut st.stored, &name)?;
+            decode_chunk(reader, meta, m.compression, &name, &mut st.stored, &mut st.raw, &mut st.decompressor)?;
             st.bytes += meta.stored;
-            let dec = match &mut st.decompressor {
-                Some(d) => d,
-                None => st.decompressor.insert(Decompressor::new(m.compression)?),
-            };
-            dec.decompress(&st.stored, meta.raw as usize, &mut st.raw, &name)?;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;
                 st.digests.push((rec.file, piece, sha256(rec.data)));

@@ -7,6 +7,7 @@
 #                                   DIR/env with the AWS_* variables to use it
 #   scripts/garage.sh stop [DIR]    stop every node
 #   scripts/garage.sh kill N [DIR]  kill node N (1-3) with SIGKILL
+#   scripts/garage.sh restart N [DIR]  start node N again (after kill)
 #
 # Needs the garage binary: `cargo install garage --version 2.5.0 --locked`
 # (about 15 minutes on 2 cores). The S3 driver's tests will run on it; until
@@ -14,7 +15,7 @@
 set -euo pipefail
 cmd=${1:-start}
 case $cmd in
-  kill) node=$2; dir=${3:-/tmp/blockstream-garage} ;;
+  kill|restart) node=$2; dir=${3:-/tmp/blockstream-garage} ;;
   *) dir=${2:-/tmp/blockstream-garage} ;;
 esac
 GARAGE=${GARAGE:-$(command -v garage || echo /usr/local/bin/garage)}
@@ -34,8 +35,16 @@ case $cmd in
     kill -9 "$(cat "$dir/node$node.pid")"
     rm -f "$dir/node$node.pid"
     exit 0 ;;
+  restart)
+    "$GARAGE" -c "$dir/node$node.toml" server >> "$dir/node$node.log" 2>&1 &
+    echo $! > "$dir/node$node.pid"
+    for _ in $(seq 100); do
+      "$GARAGE" -c "$dir/node$node.toml" status >/dev/null 2>&1 && exit 0
+      sleep 0.1
+    done
+    echo "garage.sh: node $node did not come back" >&2; exit 1 ;;
   start) ;;
-  *) echo "usage: scripts/garage.sh start|stop [DIR] | kill N [DIR]" >&2; exit 2 ;;
+  *) echo "usage: scripts/garage.sh start|stop [DIR] | kill N [DIR] | restart N [DIR]" >&2; exit 2 ;;
 esac
 
 [ -x "$GARAGE" ] || { echo "garage.sh: no garage binary (cargo install garage --version 2.5.0 --locked)" >&2; exit 1; }

@@ -280,7 +280,7 @@ fn run_backup_job(slot: usize, req: &Slot) -> Result<String, String> {
     let pgdata = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) }.to_string_lossy().into_owned();
     let opts = BackupOptions {
         pgdata: pgdata.into(),
-        repo: blockstream::storage::at(std::path::Path::new(&jobs::get(&req.repo))),
+        repo: blockstream::storage::at(std::path::Path::new(&jobs::get(&req.repo))).map_err(|e| e.to_string())?,
         jobs: req.jobs as usize,
         copy: CopyConfig { compression, ..CopyConfig::default() },
         label: Some("blocktrack.run_backup".into()),

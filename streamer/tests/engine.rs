@@ -24,7 +24,7 @@ fn scratch(name: &str) -> PathBuf {
 fn options(data: &Path, repo: &Path, mode: BackupMode, jobs: usize) -> BackupOptions {
     BackupOptions {
         pgdata: data.to_path_buf(),
-        repo: blockstream::storage::at(repo),
+        repo: blockstream::storage::at(repo).unwrap(),
         jobs,
         copy: CopyConfig::default(),
         label: Some("engine test".into()),

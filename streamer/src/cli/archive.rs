@@ -47,6 +47,9 @@ pub const DEFAULT_SPOOL: &str = "pg_wal/blockstream_spool";
 const IDLE: Duration = Duration::from_secs(10);
 
 fn absolute(p: &Path) -> PathBuf {
+    if blockstream::storage::is_url(p) {
+        return p.to_path_buf();
+    }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
@@ -80,7 +83,7 @@ pub fn archive_push(a: ArchivePushArgs) -> anyhow::Result<ExitCode> {
     if WalFile::parse(&name).is_none() {
         usage_error(format!("\"{}\" is not a WAL file (its name must be PostgreSQL's)", a.path.display()));
     }
-    let repo_path = absolute(&a.repo);
+    let repo_path = super::repo_arg(&a.repo);
     if !a.r#async {
         let repo = open_or_create(&repo_path, &a.path)?;
         archive::push_with(&repo, &a.path, &name, a.compress, a.threads)?;
@@ -139,8 +142,9 @@ fn taken(ok: &Path, file: &Path) -> anyhow::Result<bool> {
 /// (identity from the segment and PG_VERSION in the working directory, the
 /// data directory when PostgreSQL runs archive_command).
 fn open_or_create(root: &Path, wal: &Path) -> anyhow::Result<Repo> {
-    if root.join(blockstream::repo::REPO_FILE).exists() {
-        return Ok(Repo::open(root)?);
+    let store = blockstream::storage::at(root)?;
+    if store.root_state()? == blockstream::storage::RootState::Holds {
+        return Ok(Repo::open_store(store)?);
     }
     let raw = safe_fs::read_regular(wal, archive::MAX_RAW)?;
     let (sysid, _) = archive::segment_identity(&raw).map_err(|why| {
@@ -151,7 +155,7 @@ fn open_or_create(root: &Path, wal: &Path) -> anyhow::Result<Repo> {
         )
     })?;
     let version: u32 = fs::read_to_string("PG_VERSION").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(15);
-    Ok(Repo::open_or_create(root, sysid, version * 10000)?)
+    Ok(Repo::open_or_create_store(store, sysid, version * 10000)?)
 }
 
 /// Makes sure a pusher runs (starts one unless one does).
@@ -163,7 +167,7 @@ fn ensure_pusher(a: &ArchivePushArgs, spool: &Path, wal_dir: &Path) -> anyhow::R
     let args = vec![
         "archive-push-daemon".to_string(),
         "--repo".into(),
-        absolute(&a.repo).display().to_string(),
+        super::repo_arg(&a.repo).display().to_string(),
         "--spool".into(),
         spool.display().to_string(),
         "--wal".into(),
@@ -221,7 +225,7 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         idle_since = Instant::now();
-        let repo = match open_or_create(&absolute(&a.repo), &wal_dir.join(&todo[0])) {
+        let repo = match open_or_create(&super::repo_arg(&a.repo), &wal_dir.join(&todo[0])) {
             Ok(r) => r,
             Err(e) => {
                 failures += 1;
@@ -346,7 +350,7 @@ pub fn archive_get(a: ArchiveGetArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let repo = Repo::open(&absolute(&a.repo))?;
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
     if let Some(raw) = archive::fetch(&repo, &a.file)? {
         archive::write_file(&a.path, &raw)?;
         if let Some(spool) = &spool {
@@ -382,7 +386,7 @@ fn prefetch_after(a: &ArchiveGetArgs, spool: &Path) {
     let args = vec![
         "archive-get-daemon".to_string(),
         "--repo".into(),
-        absolute(&a.repo).display().to_string(),
+        super::repo_arg(&a.repo).display().to_string(),
         "--spool".into(),
         spool.display().to_string(),
         "--workers".into(),
@@ -400,7 +404,7 @@ pub fn get_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
     let spool = absolute(&a.spool);
     let Some(_lock) = try_lock(&spool.join("in.lock"))? else { return Ok(ExitCode::SUCCESS) };
     let dir = spool.join("in");
-    let repo = Repo::open(&absolute(&a.repo))?;
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
     let after = a.after.clone().unwrap_or_default();
     // The segment size: from the newest backup (the archive names do not carry it).
     let seg_size = repo

@@ -50,6 +50,8 @@ pub enum Command {
     Expire(ExpireArgs),
     /// Write a self-contained HTML report of a repository
     Report(ReportArgs),
+    /// Remove what killed writers left: unfinished backups and incomplete multipart uploads
+    Cleanup(CleanupArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -191,7 +193,7 @@ pub struct BackupArgs {
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("recovery_target").args(["target_time", "target_lsn", "target_xid", "target_name", "target"])))]
 pub struct RestoreArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     /// New data directory (must be empty or absent, unless --force)
@@ -249,7 +251,7 @@ pub struct RestoreArgs {
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     /// Output format
@@ -259,7 +261,7 @@ pub struct InfoArgs {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     /// Backup to check: an id, "latest" or "all"
@@ -278,7 +280,7 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct DrillArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     /// Backup to drill: an id or "latest"
@@ -315,7 +317,7 @@ pub struct DrillArgs {
 
 #[derive(Args, Debug)]
 pub struct ArchiveGetArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     /// Fetch this many following segments ahead, in parallel, into the spool
@@ -332,7 +334,7 @@ pub struct ArchiveGetArgs {
 
 #[derive(Args, Debug)]
 pub struct MetricsArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
 }
@@ -356,8 +358,21 @@ pub struct RetentionArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct CleanupArgs {
+    /// Repository directory or s3://bucket/prefix
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// Say what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
 pub struct ExpireArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     #[command(flatten)]
@@ -375,7 +390,7 @@ pub struct ExpireArgs {
 
 #[derive(Args, Debug)]
 pub struct ReportArgs {
-    /// Repository directory
+    /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
     /// The HTML file to write

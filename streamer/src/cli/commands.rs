@@ -14,8 +14,8 @@ use blockstream::verify::verify_backup;
 use serde_json::json;
 
 use super::args::{
-    BackupArgs, BackupKind, Checkpoint, Cli, Command, ExpireArgs, InfoArgs, MetricsArgs, Output, ReportArgs,
-    RestoreArgs, RetentionArgs, VerifyArgs,
+    BackupArgs, BackupKind, Checkpoint, CleanupArgs, Cli, Command, ExpireArgs, InfoArgs, MetricsArgs, Output,
+    ReportArgs, RestoreArgs, RetentionArgs, VerifyArgs,
 };
 use super::output::{mib, with_progress};
 use super::session::PgSession;
@@ -36,6 +36,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Metrics(a) => metrics(a),
         Command::Expire(a) => expire(a),
         Command::Report(a) => report(a),
+        Command::Cleanup(a) => cleanup(a),
     }
 }
 
@@ -61,6 +62,9 @@ fn become_repo_owner(repo: &Repo) -> anyhow::Result<()> {
 }
 
 fn absolute(p: &Path) -> PathBuf {
+    if blockstream::storage::is_url(p) {
+        return p.to_path_buf();
+    }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
@@ -82,7 +86,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     become_cluster_owner(&pgdata)?;
     let opts = BackupOptions {
         pgdata: absolute(&pgdata),
-        repo: blockstream::storage::at(&absolute(&a.repo)),
+        repo: blockstream::storage::at(&super::repo_arg(&a.repo))?,
         jobs: a.jobs,
         copy: CopyConfig { compression: a.compress, max_rate: a.max_rate, ..CopyConfig::default() },
         label: a.label.clone(),
@@ -206,7 +210,7 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let repo = absolute(&a.repo);
+    let repo = super::repo_arg(&a.repo);
     let recovery_target = if let Some(t) = &a.target_time {
         RecoveryTarget::Time(t.clone())
     } else if let Some(l) = a.target_lsn {
@@ -237,7 +241,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let opts = RestoreOptions {
-        repo: blockstream::storage::at(&repo),
+        repo: blockstream::storage::at(&repo)?,
         target: absolute(&a.pgdata),
         backup: a.backup.clone(),
         jobs: a.jobs,
@@ -298,7 +302,7 @@ fn warn_loose_modes(repo: &Repo) {
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&absolute(&a.repo))?;
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
     warn_loose_modes(&repo);
     let mut rows = Vec::new();
     for id in repo.backup_ids()? {
@@ -436,7 +440,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&absolute(&a.repo))?;
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
     warn_loose_modes(&repo);
     become_repo_owner(&repo)?;
     let ids = if a.backup == "all" { repo.backup_ids()? } else { vec![repo.resolve(&a.backup)?] };
@@ -504,7 +508,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn metrics(a: MetricsArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&absolute(&a.repo))?;
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
     let rows = blockstream::catalog::list(&repo)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let seg = segment_size(&repo);
@@ -537,12 +541,59 @@ fn policy(r: &RetentionArgs) -> Option<blockstream::expire::Policy> {
     })
 }
 
+/// Aborts incomplete multipart uploads and removes unfinished backups,
+/// under the lock (a live writer's uploads are never touched).
+fn cleanup(a: CleanupArgs) -> anyhow::Result<ExitCode> {
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    become_repo_owner(&repo)?;
+    let (uploads, removed, foreign) = if a.dry_run {
+        (repo.store().incomplete_uploads()?, Vec::new(), Vec::new())
+    } else {
+        let lock = repo.lock()?;
+        let uploads = repo.abort_incomplete_uploads(&lock)?;
+        let (removed, foreign) = repo.remove_incomplete(&lock)?;
+        (uploads, removed, foreign)
+    };
+    match a.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "dry_run": a.dry_run,
+                "uploads": uploads.iter().map(|u| serde_json::json!({"key": u.key, "initiated": u.initiated})).collect::<Vec<_>>(),
+                "removed_backups": removed,
+                "foreign": foreign,
+            })
+        ),
+        Output::Text => {
+            let verb = if a.dry_run { "would abort" } else { "aborted" };
+            println!("{verb} {} incomplete upload(s)", uploads.len());
+            for u in &uploads {
+                println!("  {} (started {})", repo.describe(&u.key), u.initiated);
+            }
+            if !a.dry_run {
+                println!(
+                    "removed {} unfinished backup(s){}",
+                    removed.len(),
+                    if removed.is_empty() { String::new() } else { format!(": {}", removed.join(", ")) }
+                );
+            }
+            for f in &foreign {
+                println!(
+                    "left alone: \"{}\" is not a backup this program wrote",
+                    repo.describe(&format!("backups/{f}"))
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
     let Some(policy) = policy(&a.retention) else { usage_error("--retain-full is required") };
     if let Err(e) = policy.check() {
         usage_error(e);
     }
-    let repo = Repo::open(&absolute(&a.repo))?;
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
     become_repo_owner(&repo)?;
     let lock = if a.dry_run { None } else { Some(repo.lock()?) };
     if let Some(l) = &lock {
@@ -606,7 +657,7 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&absolute(&a.repo))?;
+    let repo = Repo::open(&super::repo_arg(&a.repo))?;
     let rows = blockstream::catalog::list(&repo)?;
     let verifies = blockstream::catalog::read_log(&repo, blockstream::catalog::VERIFY_LOG);
     let drills = blockstream::catalog::read_log(&repo, blockstream::catalog::DRILL_LOG);

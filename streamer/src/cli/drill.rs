@@ -91,7 +91,7 @@ impl Drill {
 }
 
 pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
-    let repo_path = std::path::absolute(&a.repo).unwrap_or(a.repo.clone());
+    let repo_path = super::repo_arg(&a.repo);
     let repo = Repo::open(&repo_path)?;
     let id = repo.resolve(&a.backup)?;
     let manifest = repo.load_manifest(&id)?;
@@ -204,7 +204,7 @@ fn make_private_dir(d: &Drill) -> anyhow::Result<()> {
 fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()> {
     let exe = std::env::current_exe().map_err(blockstream::Error::io("find", Path::new("/proc/self/exe")))?;
     let opts = RestoreOptions {
-        repo: blockstream::storage::at(&d.repo),
+        repo: blockstream::storage::at(&d.repo)?,
         target: d.data(),
         backup: d.id.clone(),
         jobs: a.jobs,

@@ -47,6 +47,19 @@ pub fn usage_line() -> String {
     }
 }
 
+/// A `--repo` argument made absolute (a directory) or checked (an
+/// `s3://` URL and its configuration: a bad URL or missing credentials is
+/// a usage error).
+pub fn repo_arg(p: &std::path::Path) -> std::path::PathBuf {
+    if blockstream::storage::is_url(p) {
+        if let Err(e) = blockstream::storage::s3::S3Config::from_url(&p.to_string_lossy()) {
+            usage_error(e);
+        }
+        return p.to_path_buf();
+    }
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// A usage error found after parsing: message, usage line, exit code 2.
 pub fn usage_error(msg: impl std::fmt::Display) -> ! {
     eprintln!("error: {msg}\n\n{}", usage_line());

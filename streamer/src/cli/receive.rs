@@ -113,7 +113,7 @@ pub fn wal_receive(a: WalReceiveArgs) -> anyhow::Result<ExitCode> {
         .flatten()
         .and_then(|s| parse_show_size(&s))
         .context("could not read wal_segment_size")?;
-    let root = std::path::absolute(&a.repo).unwrap_or(a.repo.clone());
+    let root = super::repo_arg(&a.repo);
     let repo = Repo::open_or_create(&root, sysid, version)?;
     let recv = root.join(RECEIVE_DIR);
     safe_fs::create_dir(&recv, safe_fs::DIR_MODE)?;

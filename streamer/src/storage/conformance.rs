@@ -1,7 +1,8 @@
 //! The contract of [`Store`], written once and run against every driver.
 
-use super::memory::MemoryStore;
-use super::posix::PosixStore;
+//! Public (hidden) so that the object-store tests run it against a live
+//! bucket.
+
 use super::*;
 
 fn names(entries: &[Entry]) -> Vec<(String, Kind, u64)> {
@@ -12,7 +13,9 @@ fn names(entries: &[Entry]) -> Vec<(String, Kind, u64)> {
 pub fn contract(store: &dyn Store) {
     assert_eq!(store.root_state().unwrap(), RootState::Missing);
     store.init().unwrap();
-    assert_eq!(store.root_state().unwrap(), RootState::Empty);
+    // An object store has no directories: an empty prefix is a missing one.
+    let state = store.root_state().unwrap();
+    assert!(state == RootState::Empty || (store.local_root().is_none() && state == RootState::Missing), "{state:?}");
 
     // Whole objects: atomic replace, bounded reads, not found.
     store.put("repo.json", b"one").unwrap();
@@ -93,6 +96,7 @@ pub fn contract(store: &dyn Store) {
 
 #[test]
 fn memory_store_keeps_the_contract() {
+    use super::memory::MemoryStore;
     let store = MemoryStore::new("contract");
     contract(&store);
     // Memory only: a created object appears when finished, not before.
@@ -105,6 +109,7 @@ fn memory_store_keeps_the_contract() {
 
 #[test]
 fn posix_store_keeps_the_contract() {
+    use super::posix::PosixStore;
     use std::os::unix::fs::MetadataExt;
     let root = std::env::temp_dir().join(format!("bs-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);

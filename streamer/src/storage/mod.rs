@@ -4,6 +4,8 @@
 //! - [`posix::PosixStore`]: a directory on a local or mounted file system
 //!   (modes 0750/0640 whatever the umask, no symbolic link followed, every
 //!   write durable: temporary file, fsync, rename or link, directory fsync).
+//! - [`s3::S3Store`]: a key prefix of an S3-compatible bucket
+//!   (`s3://bucket/prefix`).
 //! - [`memory::MemoryStore`]: a map in memory, for engine tests that need no
 //!   disk, no root and no server.
 //!
@@ -18,6 +20,7 @@
 pub mod memory;
 pub mod posix;
 pub mod repo;
+pub mod s3;
 
 use std::fmt;
 use std::path::Path;
@@ -83,6 +86,15 @@ pub trait StoreLock: Send + Sync + fmt::Debug {
     fn taken_over(&self) -> Option<&str>;
 }
 
+/// A multipart upload that was started and neither completed nor aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub key: String,
+    pub id: String,
+    /// When it started, as the store reports it.
+    pub initiated: String,
+}
+
 /// Every operation on a repository.
 pub trait Store: Send + Sync + fmt::Debug {
     /// How messages name the repository: a path or a URL.
@@ -127,14 +139,31 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn lock(&self) -> Result<Box<dyn StoreLock>>;
     /// Bytes the repository holds.
     fn total_bytes(&self) -> u64;
+    /// Uploads left behind by writers that died (object stores only).
+    fn incomplete_uploads(&self) -> Result<Vec<Upload>> {
+        Ok(Vec::new())
+    }
+    /// Aborts one of [`Store::incomplete_uploads`], freeing its parts.
+    fn abort_upload(&self, _upload: &Upload) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A shared store.
 pub type SharedStore = Arc<dyn Store>;
 
-/// The store behind a `--repo` argument: a directory.
-pub fn at(location: &Path) -> SharedStore {
-    Arc::new(posix::PosixStore::new(location))
+/// Whether a `--repo` argument names an object store rather than a directory.
+pub fn is_url(location: &Path) -> bool {
+    location.to_str().is_some_and(|s| s.starts_with("s3://"))
+}
+
+/// The store behind a `--repo` argument: `s3://bucket/prefix` (configured
+/// from the environment, see [`s3`]), or a directory.
+pub fn at(location: &Path) -> Result<SharedStore> {
+    match location.to_str() {
+        Some(url) if is_url(location) => Ok(Arc::new(s3::S3Store::from_url(url)?)),
+        _ => Ok(Arc::new(posix::PosixStore::new(location))),
+    }
 }
 
 /// Refuses a key that is not a plain relative name.
@@ -158,5 +187,5 @@ pub fn join(prefix: &str, name: &str) -> String {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[doc(hidden)]
+pub mod conformance;

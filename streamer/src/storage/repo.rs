@@ -61,7 +61,7 @@ pub struct RepoLock {
 impl Repo {
     /// Opens an existing repository in a directory.
     pub fn open(root: &Path) -> Result<Repo> {
-        Repo::open_store(crate::storage::at(root))
+        Repo::open_store(crate::storage::at(root)?)
     }
 
     /// Opens an existing repository in any store.
@@ -96,7 +96,7 @@ impl Repo {
     /// Opens the repository in a directory, creating it for this cluster if
     /// the directory is absent or empty. Refuses a repository of another cluster.
     pub fn open_or_create(root: &Path, system_identifier: u64, pg_version_num: u32) -> Result<Repo> {
-        Repo::open_or_create_store(crate::storage::at(root), system_identifier, pg_version_num)
+        Repo::open_or_create_store(crate::storage::at(root)?, system_identifier, pg_version_num)
     }
 
     /// [`Repo::open_or_create`] in any store.
@@ -240,7 +240,10 @@ impl Repo {
     /// backup id that hold nothing but what a backup writes. Anything else
     /// under `backups/` is left alone and named in the second list. Needs the
     /// lock.
-    pub fn remove_incomplete(&self, _lock: &RepoLock) -> Result<(Vec<String>, Vec<String>)> {
+    pub fn remove_incomplete(&self, lock: &RepoLock) -> Result<(Vec<String>, Vec<String>)> {
+        // Uploads a killed writer left (object stores) hold parts that cost
+        // space and are listed nowhere else; the lock says their writer is gone.
+        self.abort_incomplete_uploads(lock)?;
         let (mut removed, mut foreign) = (Vec::new(), Vec::new());
         for e in self.store.list(BACKUPS_DIR)? {
             let real_dir = e.kind == Kind::Prefix;
@@ -256,6 +259,17 @@ impl Repo {
             }
         }
         Ok((removed, foreign))
+    }
+
+    /// Aborts the multipart uploads writers that died left in an object
+    /// store (none in a directory); returns them. Needs the lock: a live
+    /// writer holds it while it uploads.
+    pub fn abort_incomplete_uploads(&self, _lock: &RepoLock) -> Result<Vec<crate::storage::Upload>> {
+        let uploads = self.store.incomplete_uploads()?;
+        for u in &uploads {
+            self.store.abort_upload(u)?;
+        }
+        Ok(uploads)
     }
 
     /// Removes one backup that never got a manifest (a backup that failed

@@ -1,0 +1,281 @@
+//! One suite, every repository driver: the same lifecycle (archive-push,
+//! full backup under pgbench, incremental, info, verify, restore that
+//! matches the source, PITR through archive-get, drill, expire) runs on a
+//! directory and on S3 (the Garage cluster of `scripts/garage.sh`). Then
+//! what only an object store can do wrong: a node stopped mid-backup, a
+//! wrong secret key, a backup killed mid-upload and `cleanup`.
+//!
+//! The S3 tests need `AWS_ENDPOINT_URL` and the keys (CI sources
+//! `/tmp/blockstream-garage/env`); without them they say so and pass.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn garage() -> bool {
+    let up = std::env::var_os("AWS_ENDPOINT_URL").is_some();
+    if !up {
+        eprintln!("skipped: no S3 store (run scripts/garage.sh start and source /tmp/blockstream-garage/env)");
+    }
+    up
+}
+
+fn s3_repo(name: &str) -> PathBuf {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    PathBuf::from(format!("s3://blockstream/e2e/{name}-{}-{nanos}", std::process::id()))
+}
+
+fn info(repo: &Path) -> serde_json::Value {
+    serde_json::from_str(&bs_ok(&["info", "--repo", path(repo), "--output", "json"])).unwrap()
+}
+
+fn backup_ids(repo: &Path) -> Vec<String> {
+    info(repo)["backups"].as_array().unwrap().iter().map(|b| b["backup_id"].as_str().unwrap().to_string()).collect()
+}
+
+fn switch_and_wait(c: &Cluster) {
+    let name = c.sql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    let until = Instant::now() + Duration::from_secs(90);
+    loop {
+        let last = c.sql("postgres", "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        if last.as_str() >= name.as_str() && !last.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < until, "{name} was not archived (last archived: {last:?})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The whole life of a repository, the same on every driver.
+fn lifecycle(name: &str, repo: &Path) {
+    let base = scratch(name);
+    let c = Cluster::init("source", &base);
+    c.append_conf(&format!(
+        "archive_mode = on\narchive_command = '{} archive-push --repo {} %p'\n",
+        env!("CARGO_BIN_EXE_blockstream"),
+        repo.display()
+    ));
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    c.pgbench_init(5);
+
+    // A full backup while pgbench writes, then an incremental after more.
+    let mut load = c.pgbench(&["-n", "-c", "2", "-T", "4"]);
+    let full = backup(&c, repo, &["-j", "2", "--type", "full"]);
+    assert!(load.wait().unwrap().success());
+    run_ok(Command::new(pg_bin("pgbench")).args(c.conn()).args(["-n", "-c", "2", "-t", "500", "postgres"]));
+    c.sql("postgres", "CREATE TABLE marks AS SELECT 'at-incr'::text AS m");
+    let incr = backup(&c, repo, &["-j", "2", "--type", "incr"]);
+    assert_eq!(incr["type"], "incr", "{incr}");
+    let full_id = full["backup_id"].as_str().unwrap().to_string();
+    let incr_id = incr["backup_id"].as_str().unwrap().to_string();
+    assert!(
+        incr["stats"]["changed_blocks"].as_u64().unwrap() > 0
+            && incr["changed_share"].as_f64().unwrap() < 0.75
+            && incr["stats"]["data_bytes"].as_u64().unwrap() < full["stats"]["data_bytes"].as_u64().unwrap(),
+        "an incremental reads changed blocks only: {incr} vs {full}"
+    );
+    assert_eq!(backup_ids(repo), vec![full_id.clone(), incr_id.clone()]);
+
+    // The state to restore to: a mark, archived.
+    let expected = c.dumpall();
+    c.sql("postgres", "SELECT pg_create_restore_point('drivers_point')");
+    switch_and_wait(&c);
+    // After the point: more changes that a restore to it must not show.
+    c.sql("postgres", "INSERT INTO marks VALUES ('after-point')");
+    switch_and_wait(&c);
+
+    // verify reads every chunk of every backup and the archive.
+    let out = bs_ok(&["verify", "--repo", path(repo)]);
+    assert!(out.contains(&incr_id), "{out}");
+
+    // Restore the chain at -j 4 to the restore point: archive-get fetches the WAL.
+    let r = restore_and_start("restored", repo, &base, 4, &["--target-name", "drivers_point"]);
+    assert_same_dump(&expected, &r.dumpall(), "restore of the chain to the restore point");
+    assert_eq!(r.sql("postgres", "SELECT string_agg(m, ',') FROM marks"), "at-incr");
+    let sum = r.sql(
+        "postgres",
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(delta) FROM pgbench_history)",
+    );
+    assert_eq!(sum, "t", "pgbench's balance invariant");
+    assert_amcheck_clean(&r, "restored cluster");
+    r.stop();
+
+    // A drill proves the latest backup restores and records it in the repository.
+    let drill: serde_json::Value =
+        serde_json::from_str(&bs_ok(&["drill", "--repo", path(repo), "--output", "json"])).unwrap();
+    assert_eq!(drill["ok"], true, "{drill}");
+    assert!(info(repo).to_string().contains(&incr_id));
+
+    // A second full, then expire keeps one full: the first chain goes.
+    let second = backup(&c, repo, &["-j", "2", "--type", "full"]);
+    let out = bs_ok(&["expire", "--repo", path(repo), "--retain-full", "1", "--output", "json"]);
+    let ids = backup_ids(repo);
+    assert_eq!(ids, vec![second["backup_id"].as_str().unwrap().to_string()], "{out}");
+    bs_ok(&["verify", "--repo", path(repo)]);
+    c.stop();
+}
+
+#[test]
+fn lifecycle_on_a_directory() {
+    let base = scratch("drivers-posix-repo");
+    lifecycle("drivers-posix", &base.join("repo"));
+}
+
+#[test]
+fn lifecycle_on_s3() {
+    if !garage() {
+        return;
+    }
+    lifecycle("drivers-s3", &s3_repo("lifecycle"));
+}
+
+/// Objects of the repository as the S3 API lists them (the test's own view,
+/// through the same store).
+fn uploads(repo: &Path) -> usize {
+    let store = blockstream::storage::at(repo).unwrap();
+    store.incomplete_uploads().unwrap().len()
+}
+
+/// A backup killed while it uploads leaves no backup listed; `cleanup`
+/// aborts the multipart uploads it left, and says how many.
+#[test]
+fn killed_upload_is_not_listed_and_cleanup_aborts_it() {
+    if !garage() {
+        return;
+    }
+    let base = scratch("drivers-kill");
+    let repo = s3_repo("kill");
+    let c = Cluster::init("source", &base);
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    c.pgbench_init(10);
+    backup(&c, &repo, &["-j", "2"]);
+    let before = backup_ids(&repo);
+
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), c.data.display().to_string()];
+    args.extend(c.conn());
+    args.extend(
+        ["--repo", path(&repo), "-j", "2", "--type", "full", "--max-rate", "8M", "--compress", "none"]
+            .map(String::from),
+    );
+    // A short lease, so that the dead process's lock runs out soon.
+    let mut child = blockstream()
+        .args(&args)
+        .env("BLOCKSTREAM_S3_LOCK_LEASE", "6")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while uploads(&repo) == 0 {
+        assert!(Instant::now() < until, "the backup never started a multipart upload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(uploads(&repo) > 0);
+    assert_eq!(backup_ids(&repo), before, "a killed backup is not listed");
+
+    // The lock the killed process held runs out (BLOCKSTREAM_S3_LOCK_LEASE in CI is short).
+    let (code, out, err) = bs(&["cleanup", "--repo", path(&repo), "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("would abort"), "{out}");
+    assert!(uploads(&repo) > 0, "a dry run aborts nothing");
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, out, err) = bs(&["cleanup", "--repo", path(&repo)]);
+        if code == 0 {
+            assert!(out.contains("aborted"), "{out}");
+            break;
+        }
+        assert!(err.contains("is locked"), "{err}");
+        assert!(Instant::now() < until, "the dead backup's lock never ran out: {err}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert_eq!(uploads(&repo), 0, "cleanup aborted every orphaned upload");
+    // The unfinished backup's prefix is gone too; the repository verifies.
+    let listed = blockstream::storage::at(&repo).unwrap().list("backups").unwrap();
+    assert_eq!(listed.len(), before.len(), "{listed:?}");
+    bs_ok(&["verify", "--repo", path(&repo)]);
+    c.stop();
+}
+
+/// A wrong secret key: exit 1 and the store's refusal named; nothing written.
+#[test]
+fn wrong_secret_key_is_a_clear_error() {
+    if !garage() {
+        return;
+    }
+    let base = scratch("drivers-badkey");
+    let repo = s3_repo("badkey");
+    let c = Cluster::init("source", &base);
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), c.data.display().to_string()];
+    args.extend(c.conn());
+    args.extend(["--repo", path(&repo)].map(String::from));
+    let out = run(blockstream().args(&args).env("AWS_SECRET_ACCESS_KEY", "0".repeat(64)));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("HTTP 403"), "{err}");
+    assert!(err.contains(path(&repo)), "{err}");
+    let (code, _, err) = bs(&["info", "--repo", path(&repo)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not exist"), "nothing was written: {err}");
+    // No credentials at all: a usage error naming what to set.
+    let out = run(blockstream()
+        .args(["info", "--repo", path(&repo)])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AWS_ACCESS_KEY_ID"));
+    c.stop();
+}
+
+/// One of the three Garage nodes (not the one the client talks to) stops
+/// mid-backup: the backup completes on the remaining quorum and restores.
+#[test]
+fn a_node_stopped_mid_backup() {
+    if !garage() {
+        return;
+    }
+    let base = scratch("drivers-node");
+    let repo = s3_repo("node");
+    let c = Cluster::init("source", &base);
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    c.pgbench_init(10);
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), c.data.display().to_string()];
+    args.extend(c.conn());
+    args.extend(
+        ["--repo", path(&repo), "-j", "2", "--max-rate", "20M", "--compress", "none", "--output", "json"]
+            .map(String::from),
+    );
+    let child = blockstream().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    while uploads(&repo) == 0 {
+        assert!(Instant::now() < until, "the backup never started a multipart upload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let garage_dir = std::env::var("GARAGE_DIR").unwrap_or_else(|_| "/tmp/blockstream-garage".into());
+    let script = workspace().join("scripts/garage.sh");
+    run_ok(Command::new("bash").arg(&script).args(["kill", "3", &garage_dir]));
+    let out = child.wait_with_output().unwrap();
+    let restart = run(Command::new("bash").arg(&script).args(["restart", "3", &garage_dir]));
+    assert!(out.status.success(), "backup with a node down failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(restart.status.success(), "{}", String::from_utf8_lossy(&restart.stderr));
+    let expected = c.dumpall();
+    c.stop();
+    let r = restore_and_start("restored", &repo, &base, 2, &[]);
+    assert_same_dump(&expected, &r.dumpall(), "restore of a backup taken with a node down");
+    r.stop();
+}

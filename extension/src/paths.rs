@@ -9,6 +9,12 @@
 //! compared, so neither a link nor `..` leads outside the list; from then on
 //! the engine opens files below the canonical path without following any
 //! symbolic link.
+//!
+//! An object-store repository (`s3://bucket/prefix`) must equal or lie
+//! below an `s3://` entry of the list, compared key component by key
+//! component (`..` and empty components are refused before). Its
+//! credentials come from the server's environment or the AWS files in the
+//! server user's home, never from SQL.
 
 use std::path::PathBuf;
 
@@ -36,9 +42,18 @@ fn allowed() -> Vec<PathBuf> {
     guc::allowed_repositories()
         .split(',')
         .map(str::trim)
-        .filter(|e| !e.is_empty())
+        .filter(|e| !e.is_empty() && !e.starts_with("s3://"))
         .filter_map(|e| std::fs::canonicalize(e).ok())
         .collect()
+}
+
+/// Whether the object-store repository `url` is under an `s3://` entry.
+fn s3_allowed(url: &str) -> bool {
+    let Ok((bucket, prefix)) = blockstream::storage::s3::parse_url(url) else { return false };
+    guc::allowed_repositories().split(',').map(str::trim).filter(|e| e.starts_with("s3://")).any(|e| {
+        blockstream::storage::s3::parse_url(e)
+            .is_ok_and(|(b, p)| b == bucket && (p.is_empty() || prefix == p || prefix.starts_with(&format!("{p}/"))))
+    })
 }
 
 /// Checks that the current user may use the repository at `repo` for
@@ -59,6 +74,19 @@ pub fn check_repository(repo: Option<&str>, access: Access) -> PathBuf {
             format!("permission denied to use repository \"{repo}\""),
             Some(&format!("only superusers and roles with the privileges of {role_name} may use a repository")),
         );
+    }
+    if repo.starts_with("s3://") {
+        if let Err(e) = blockstream::storage::s3::parse_url(repo) {
+            raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None);
+        }
+        if !s3_allowed(repo) {
+            raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("repository \"{repo}\" is not under blocktrack.allowed_repositories"),
+                Some("a superuser lists the s3://bucket/prefix URLs repositories may be under with blocktrack.allowed_repositories"),
+            );
+        }
+        return PathBuf::from(repo);
     }
     if !repo.starts_with('/') {
         raise(

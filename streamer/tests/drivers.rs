@@ -279,3 +279,42 @@ fn a_node_stopped_mid_backup() {
     assert_same_dump(&expected, &r.dumpall(), "restore of a backup taken with a node down");
     r.stop();
 }
+
+/// The SQL functions on an S3 repository: run_backup from a background
+/// worker, backups(), validate_backup() and verify(); a URL outside the
+/// allow-list is 42501. The server reads the credentials from its own
+/// environment (the test starts it with the AWS_* variables).
+#[test]
+fn sql_functions_on_s3() {
+    if !garage() {
+        return;
+    }
+    let base = scratch("drivers-sql");
+    let repo = s3_repo("sql");
+    let c = Cluster::init("source", &base);
+    c.append_conf("blocktrack.allowed_repositories = 's3://blockstream/e2e'\n");
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    c.pgbench_init(2);
+    let r = path(&repo);
+    let full = c.sql("postgres", &format!("SELECT blocktrack.run_backup('{r}', 'full')"));
+    run_ok(Command::new(pg_bin("pgbench")).args(c.conn()).args(["-n", "-t", "200", "postgres"]));
+    let incr = c.sql("postgres", &format!("SELECT blocktrack.run_backup('{r}', 'incr')"));
+    assert_eq!(
+        c.sql("postgres", &format!("SELECT string_agg(backup_id || ':' || backup_type, ',' ORDER BY backup_id) FROM blocktrack.backups('{r}')")),
+        format!("{full}:full,{incr}:incr")
+    );
+    assert_eq!(backup_ids(&repo), vec![full.clone(), incr.clone()], "the CLI sees what SQL wrote");
+    let bad = c.sql("postgres", &format!("SELECT count(*) FROM blocktrack.validate_backup('{r}') WHERE NOT ok"));
+    assert_eq!(bad, "0");
+    let checked = c.sql("postgres", &format!("SELECT count(*) FROM blocktrack.run_verify('{r}') WHERE ok"));
+    assert_eq!(checked, "2");
+    let err = c.try_sql("postgres", "SELECT * FROM blocktrack.backups('s3://blockstream/elsewhere')").unwrap_err();
+    assert!(err.contains("is not under blocktrack.allowed_repositories"), "{err}");
+    let err = c.try_sql("postgres", "SELECT * FROM blocktrack.backups('s3://blockstream/e2e/../x')").unwrap_err();
+    assert!(err.contains("is not a plain key prefix"), "{err}");
+    c.stop();
+    let expected_restore = restore_and_start("restored", &repo, &base, 2, &[]);
+    assert_amcheck_clean(&expected_restore, "restore of a backup run_backup put in S3");
+    expected_restore.stop();
+}

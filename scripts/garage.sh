@@ -9,9 +9,9 @@
 #   scripts/garage.sh kill N [DIR]  kill node N (1-3) with SIGKILL
 #   scripts/garage.sh restart N [DIR]  start node N again (after kill)
 #
-# Needs the garage binary: `cargo install garage --version 2.5.0 --locked`
-# (about 15 minutes on 2 cores). The S3 driver's tests will run on it; until
-# they land, setup.sh and CI do not install it.
+# Needs the garage binary; scripts/setup.sh installs it when missing
+# (`cargo install garage --version 2.5.0 --locked`, SQLite metadata only).
+# scripts/test.sh starts it for the object-storage tests and stops it after.
 set -euo pipefail
 cmd=${1:-start}
 case $cmd in
@@ -47,7 +47,7 @@ case $cmd in
   *) echo "usage: scripts/garage.sh start|stop [DIR] | kill N [DIR] | restart N [DIR]" >&2; exit 2 ;;
 esac
 
-[ -x "$GARAGE" ] || { echo "garage.sh: no garage binary (cargo install garage --version 2.5.0 --locked)" >&2; exit 1; }
+[ -x "$GARAGE" ] || { echo "garage.sh: no garage binary (scripts/setup.sh installs it)" >&2; exit 1; }
 stop
 rm -rf "$dir"
 mkdir -p "$dir"

@@ -41,6 +41,15 @@ if ! grep -qs "^pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
   cargo pgrx init --pg15 "$PG_CONFIG"
 fi
 
+step "Garage 2.5.0 (the S3-compatible store the object-storage tests run on)"
+if garage --version 2>/dev/null | grep -q ':2\.5\.0 '; then
+  echo "present"
+else
+  # SQLite metadata only: no LMDB, K2V or metrics, which the tests do not use
+  # and which make the build longer.
+  cargo install garage --version 2.5.0 --locked --no-default-features --features bundled-libs,sqlite --root /usr/local
+fi
+
 step "build and install pg_blocktrack"
 (cd extension && cargo pgrx install --release -c "$PG_CONFIG")
 

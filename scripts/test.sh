@@ -40,6 +40,16 @@ cargo test --release -p blockstream --test tracking -- --test-threads=1
 step "end-to-end tests (real clusters)"
 cargo test --release -p blockstream --test e2e -- --test-threads=1
 
+step "object storage: the S3 driver and one suite on both drivers (3-node Garage cluster)"
+bash scripts/garage.sh start
+trap 'bash scripts/garage.sh stop' EXIT
+(
+  source /tmp/blockstream-garage/env
+  cargo test --release -p blockstream --test s3_store
+  cargo test --release -p blockstream --test drivers -- --test-threads=1
+)
+bash scripts/garage.sh stop
+
 step "incremental backup tests (real clusters)"
 cargo test --release -p blockstream --test incremental -- --test-threads=1
 

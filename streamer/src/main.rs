@@ -10,7 +10,12 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE at startup.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     blockstream::failpoint::arm_from_env();
-    match cli::run() {
+    let result = cli::run();
+    if std::env::var_os("BLOCKSTREAM_S3_STATS").is_some() {
+        // For benchmarks: what S3 uploads held in memory at most.
+        eprintln!("s3: peak bytes in flight {}", blockstream::storage::s3::peak_bytes_in_flight());
+    }
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("blockstream: error: {e:#}");

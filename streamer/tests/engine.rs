@@ -218,12 +218,13 @@ fn archive_push_fetch_gaps_and_prune() {
     assert!(archive::fetch(&repo, "00000002.history").unwrap().is_some());
 }
 
-/// The committed repository of format version 1 (`tests/fixtures/repo-v1`,
-/// a full and an incremental backup of a fake cluster): every later version
-/// must still verify and restore it. Its restored files' SHA-256 are in
-/// `tests/fixtures/repo-v1.sha256`. Rewrite both (only when the format
-/// version changes, as a new fixture) with
-/// `cargo test --release -p blockstream --test engine -- --ignored write_format_v1_fixture`.
+/// Committed repositories, one per manifest format version
+/// (`tests/fixtures/repo-vN`, a full and an incremental backup of a fake
+/// cluster): every later version must still verify and restore each. Their
+/// restored files' SHA-256 are in `tests/fixtures/repo-vN.sha256`. Version
+/// 1 has `compression`, version 2 the filter stack. When the format version
+/// changes, add the new fixture (never rewrite an old one) with
+/// `cargo test --release -p blockstream --test engine -- --ignored write_format_fixture`.
 const FIXTURE_FILES: [&str; 5] = ["base/5/16384", "base/5/16390", "PG_VERSION", "global/pg_control", "pg_xact/0000"];
 
 fn fixture_dir() -> PathBuf {
@@ -232,14 +233,15 @@ fn fixture_dir() -> PathBuf {
 
 #[test]
 #[ignore]
-fn write_format_v1_fixture() {
+fn write_format_fixture() {
     let base = scratch("fixture");
     let mut c = FakeCluster::create(&base.join("data"), 7_000_000_000_000_000_001);
     for b in 0..40 {
         c.write_block("base/5/16384", b, b as u8 + 1);
     }
-    let repo = fixture_dir().join("repo-v1");
-    let _ = std::fs::remove_dir_all(&repo);
+    let version = blockstream::manifest::VERSION;
+    let repo = fixture_dir().join(format!("repo-v{version}"));
+    assert!(!repo.exists(), "the fixture of version {version} exists: old fixtures are never rewritten");
     run_backup(&options(&c.data, &repo, BackupMode::Full, 2), &mut c.session(), &Progress::default()).unwrap();
     c.write_block("base/5/16384", 7, 0xEE);
     c.write_block("base/5/16390", 0, 0xDD);
@@ -252,21 +254,31 @@ fn write_format_v1_fixture() {
             format!("{}  {rel}\n", blockstream::hash::to_hex(&d))
         })
         .collect();
-    std::fs::write(fixture_dir().join("repo-v1.sha256"), sums).unwrap();
+    std::fs::write(fixture_dir().join(format!("repo-v{version}.sha256")), sums).unwrap();
 }
 
 #[test]
-fn format_v1_fixture_still_verifies_and_restores() {
-    let base = scratch("fixture-read");
+fn every_format_fixture_still_verifies_and_restores() {
+    for version in 1..=blockstream::manifest::VERSION {
+        fixture_verifies_and_restores(version);
+    }
+}
+
+fn fixture_verifies_and_restores(version: u32) {
+    let base = scratch(&format!("fixture-read-v{version}"));
     // A copy: verify logs into the repository.
-    let repo = base.join("repo-v1");
-    let ok = std::process::Command::new("cp").arg("-a").arg(fixture_dir().join("repo-v1")).arg(&repo).status().unwrap();
+    let name = format!("repo-v{version}");
+    let repo = base.join(&name);
+    let ok = std::process::Command::new("cp").arg("-a").arg(fixture_dir().join(&name)).arg(&repo).status().unwrap();
     assert!(ok.success());
     let r = Repo::open(&repo).unwrap();
     assert_eq!(r.info.version, 1);
     let ids = r.backup_ids().unwrap();
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert_eq!(r.load_manifest(&ids[1]).unwrap().parent.as_deref(), Some(ids[0].as_str()));
+    let raw = std::fs::read_to_string(repo.join(format!("backups/{}/manifest.json", ids[0]))).unwrap();
+    assert!(raw.contains(&format!("\"version\": {version},")), "{name} holds manifests of version {version}");
+    assert!(!r.load_manifest(&ids[0]).unwrap().filters.is_empty(), "{name}: zstd, read into the filter stack");
     for id in &ids {
         let check = verify_backup(&r, id, 2, &Progress::default());
         assert!(check.problems.is_empty(), "{id}: {:?}", check.problems.iter().map(|p| &p.detail).collect::<Vec<_>>());
@@ -283,7 +295,7 @@ fn format_v1_fixture_still_verifies_and_restores() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let expected = std::fs::read_to_string(fixture_dir().join("repo-v1.sha256")).unwrap();
+    let expected = std::fs::read_to_string(fixture_dir().join(format!("{name}.sha256"))).unwrap();
     let mut lines = 0;
     for line in expected.lines() {
         let (sum, rel) = line.split_once("  ").unwrap();

@@ -288,7 +288,7 @@ fn sample_manifest() -> Manifest {
     };
     Manifest {
         format: "blockstream-manifest".into(),
-        version: 1,
+        version: blockstream::manifest::VERSION,
         backup_id: "20261127T031500I".into(),
         backup_type: BackupType::Incr,
         parent: Some("20261127T021500F".into()),
@@ -304,7 +304,8 @@ fn sample_manifest() -> Manifest {
         stop_time: "2026-11-27T03:15:09Z".into(),
         wal_segment_size: 16 << 20,
         data_checksums: true,
-        compression: Compression::Zstd { level: 3 },
+        filters: blockstream::codec::filters_for(Compression::Zstd { level: 3 }),
+        compression_v1: None,
         piece_size: 1 << 20,
         block_size: 8192,
         relseg_size: 131_072,

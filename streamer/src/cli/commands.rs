@@ -137,7 +137,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
                 mib(s.bytes_written),
                 m.streams.len(),
                 s.compression_ratio,
-                m.compression
+                blockstream::codec::describe(&m.filters)
             );
             println!("  {:.1} MiB/s; {:.1} s in pg_backup_start/stop", s.throughput_mib_s, s.server_secs);
             println!("  repository {}", opts.repo.location());
@@ -188,7 +188,8 @@ fn backup_json(m: &Manifest, repo: &str) -> serde_json::Value {
         "stop_lsn": m.stop_lsn.to_string(),
         "start_time": m.start_time,
         "stop_time": m.stop_time,
-        "compression": m.compression.to_string(),
+        "compression": blockstream::codec::describe(&m.filters),
+        "filters": m.filters,
         "streams": m.streams.len(),
         "full_reason": m.full_reason,
         "changed_share": if m.parent.is_some() {

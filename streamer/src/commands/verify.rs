@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::bounded;
 
-use crate::codec::{Compression, Decompressor};
+use crate::codec::{ChunkDecoder, Filter};
 use crate::error::{Error, Result};
 use crate::hash::{file_digest, sha256, to_hex, Digest};
 use crate::manifest::{ChunkMeta, FileEntry, Manifest};
@@ -219,23 +219,23 @@ impl<'m> PieceIndex<'m> {
     }
 }
 
-/// Reads chunk `meta` into `stored` (its SHA-256 checked) and decompresses
-/// it into `raw` with the thread's decompressor, made on first use.
+/// Reads chunk `meta` into `stored` (its SHA-256 checked) and undoes the
+/// backup's filter stack into `raw` with the thread's decoder, made on first use.
 fn decode_chunk(
     reader: &StreamReader,
     meta: &ChunkMeta,
-    compression: Compression,
+    filters: &[Filter],
     name: &ChunkName,
     stored: &mut Vec<u8>,
     raw: &mut Vec<u8>,
-    decompressor: &mut Option<Decompressor>,
+    decoder: &mut Option<ChunkDecoder>,
 ) -> Result<()> {
     reader.read_chunk(meta, stored, name)?;
-    let dec = match decompressor {
+    let dec = match decoder {
         Some(d) => d,
-        None => decompressor.insert(Decompressor::new(compression)?),
+        None => decoder.insert(ChunkDecoder::new(filters)?),
     };
-    dec.decompress(stored, meta.raw as usize, raw, name)
+    dec.decode(stored, meta.raw as usize, raw, name)
 }
 
 #[derive(Default)]
@@ -243,8 +243,8 @@ struct DecodeState {
     stored: Vec<u8>,
     raw: Vec<u8>,
     digests: Vec<(u32, u32, Digest)>,
-    /// One decompression context per thread, reused for every chunk.
-    decompressor: Option<Decompressor>,
+    /// One decoder (its contexts) per thread, reused for every chunk.
+    decoder: Option<ChunkDecoder>,
 }
 
 /// Reads, checks, decompresses and parses every chunk (or the chunks in
@@ -265,7 +265,7 @@ pub fn decode_chunks(
         for_each_chunk(streams, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
             let meta = &m.streams[stream as usize].chunks[chunk as usize];
             let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
-            decode_chunk(reader, meta, m.compression, &name, &mut st.stored, &mut st.raw, &mut st.decompressor)?;
+            decode_chunk(reader, meta, &m.filters, &name, &mut st.stored, &mut st.raw, &mut st.decoder)?;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;
                 st.digests.push((rec.file, piece, sha256(rec.data)));
@@ -355,7 +355,7 @@ pub struct BackupCheck {
 
 #[derive(Default)]
 struct VerifyState {
-    decompressor: Option<Decompressor>,
+    decoder: Option<ChunkDecoder>,
     stored: Vec<u8>,
     raw: Vec<u8>,
     digests: Vec<(u32, u32, Digest)>,
@@ -429,7 +429,7 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
         progress.add(meta.stored);
         let mut decode = || -> Result<()> {
-            decode_chunk(reader, meta, m.compression, &name, &mut st.stored, &mut st.raw, &mut st.decompressor)?;
+            decode_chunk(reader, meta, &m.filters, &name, &mut st.stored, &mut st.raw, &mut st.decoder)?;
             st.bytes += meta.stored;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;

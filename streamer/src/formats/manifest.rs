@@ -12,7 +12,7 @@ use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::Compression;
+use crate::codec::{Compression, Filter};
 use crate::error::{Error, Result};
 use crate::hash::{sha256, to_hex};
 use crate::lsn::Lsn;
@@ -21,7 +21,10 @@ use crate::stream::stream_file_name;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const FORMAT: &str = "blockstream-manifest";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Versions this build reads: 1 named one `compression`, 2 records the
+/// chunk filter stack (`filters`).
+pub const READS_VERSIONS: [u32; 2] = [1, 2];
 const CHECKSUM_KEY: &str = ",\n  \"manifest_checksum\": \"";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +70,13 @@ pub struct Manifest {
     pub stop_time: String,
     pub wal_segment_size: u64,
     pub data_checksums: bool,
-    pub compression: Compression,
+    /// What every chunk went through on its way into a stream, in write
+    /// order; readers undo it in reverse (see [`crate::codec`]).
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+    /// Format 1's single filter: read (into `filters`), never written.
+    #[serde(default, rename = "compression", skip_serializing)]
+    pub compression_v1: Option<Compression>,
     /// Bytes per piece of the two-level file digest (see [`crate::hash`]).
     pub piece_size: u64,
     /// PostgreSQL's block size (BLCKSZ): the unit of incremental copies.
@@ -362,11 +371,14 @@ impl Manifest {
     pub fn validate(&self) -> Result<()> {
         let id = &self.backup_id;
         let bad = |why: String| Err(Error::Corrupt(format!("manifest of backup {id} {why}")));
-        if self.format != FORMAT || self.version != VERSION {
+        if self.format != FORMAT || !READS_VERSIONS.contains(&self.version) {
             return bad(format!(
-                "has format \"{}\" version {}, expected \"{FORMAT}\" version {VERSION}",
+                "has format \"{}\" version {}, expected \"{FORMAT}\" version 1 to {VERSION}",
                 self.format, self.version
             ));
+        }
+        if let Err(e) = crate::codec::check_stack(&self.filters) {
+            return bad(e.to_string());
         }
         if !crate::repo::is_backup_id(id) || !id.ends_with(self.backup_type.letter()) {
             return bad(format!("has backup_id \"{id}\" of type {:?}: not a backup id of that type", self.backup_type));
@@ -536,7 +548,11 @@ impl Manifest {
         if stored != found {
             return Err(bad(format!("is damaged: checksum {found}, expected {stored}")));
         }
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(format!("does not parse: {e}")))?;
+        let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(format!("does not parse: {e}")))?;
+        if m.version == 1 {
+            let c = m.compression_v1.take().ok_or_else(|| bad("is of version 1 and has no compression".into()))?;
+            m.filters = crate::codec::filters_for(c);
+        }
         m.validate()?;
         Ok(m)
     }
@@ -577,7 +593,8 @@ pub(crate) mod tests {
             stop_time: "2026-11-27T03:15:09Z".into(),
             wal_segment_size: 16 << 20,
             data_checksums: true,
-            compression: Compression::Zstd { level: 3 },
+            filters: crate::codec::filters_for(Compression::Zstd { level: 3 }),
+            compression_v1: None,
             piece_size: 1 << 20,
             block_size: 8192,
             relseg_size: 131_072,

@@ -5,7 +5,7 @@
 //! whatever the file sizes, and a large relation segment is read by all
 //! threads at once. Each thread runs the stages in order, each in its own
 //! type: read ([`GuardedMap`]) → hash the piece → append to a
-//! [`ChunkBuilder`] → when the chunk is full, compress ([`Compressor`]) →
+//! [`ChunkBuilder`] → when the chunk is full, run the filter stack ([`ChunkEncoder`]) →
 //! hash and write ([`StreamWriter`]). Results go back as `Result`s when the
 //! threads are joined.
 
@@ -19,7 +19,7 @@ use crossbeam_channel::{bounded, Receiver};
 use crate::blkref::RELSEG_BLOCKS;
 use crate::checksum::{self, BLCKSZ};
 
-use crate::codec::{Compression, Compressor};
+use crate::codec::{ChunkEncoder, Compression};
 use crate::error::{Error, Result};
 use crate::guard::GuardedMap;
 use crate::hash::{sha256, Digest};
@@ -189,7 +189,7 @@ fn stream_worker(
     throttle: &Throttle,
     remaining: &[AtomicU32],
 ) -> Result<CopyOutcome> {
-    let mut compressor = Compressor::new(cfg.compression)?;
+    let mut encoder = ChunkEncoder::new(&crate::codec::filters_for(cfg.compression))?;
     let mut chunk = ChunkBuilder::with_capacity(cfg.chunk_size + cfg.piece_size as usize + 4096);
     let mut stored = Vec::new();
     let mut out = CopyOutcome::default();
@@ -243,11 +243,11 @@ fn stream_worker(
         progress.add(piece.len);
         piece_done(piece.file);
         if chunk.raw_len() >= cfg.chunk_size {
-            flush(&mut chunk, &mut compressor, &mut stored, writer)?;
+            flush(&mut chunk, &mut encoder, &mut stored, writer)?;
         }
     }
     if !chunk.is_empty() {
-        flush(&mut chunk, &mut compressor, &mut stored, writer)?;
+        flush(&mut chunk, &mut encoder, &mut stored, writer)?;
     }
     Ok(out)
 }
@@ -295,12 +295,12 @@ fn check_pages(
 
 fn flush(
     chunk: &mut ChunkBuilder,
-    compressor: &mut Compressor,
+    encoder: &mut ChunkEncoder,
     stored: &mut Vec<u8>,
     writer: &mut StreamWriter,
 ) -> Result<()> {
     let raw = chunk.finish();
-    compressor.compress(raw, stored)?;
+    encoder.encode(raw, stored)?;
     writer.append(stored, raw.len())?;
     chunk.reset();
     Ok(())

@@ -18,7 +18,17 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("blockstream: error: {e:#}");
+            // The chain of causes, each once: the engine's I/O errors already
+            // end with the system error they wrap.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("blockstream: error: {msg}");
             ExitCode::from(1)
         }
     }

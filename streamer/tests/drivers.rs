@@ -54,12 +54,14 @@ fn switch_and_wait(c: &Cluster) {
     }
 }
 
-/// The whole life of a repository, the same on every driver.
-fn lifecycle(name: &str, repo: &Path) {
+/// The whole life of a repository, the same on every driver; `push` adds
+/// options to archive-push (S3 pushes asynchronously through a local spool).
+fn lifecycle(name: &str, repo: &Path, push: &str) {
     let base = scratch(name);
     let c = Cluster::init("source", &base);
+    let push = push.replace("BASE", path(&base));
     c.append_conf(&format!(
-        "archive_mode = on\narchive_command = '{} archive-push --repo {} %p'\n",
+        "archive_mode = on\narchive_command = '{} archive-push --repo {} {push} %p'\n",
         env!("CARGO_BIN_EXE_blockstream"),
         repo.display()
     ));
@@ -127,7 +129,7 @@ fn lifecycle(name: &str, repo: &Path) {
 #[test]
 fn lifecycle_on_a_directory() {
     let base = scratch("drivers-posix-repo");
-    lifecycle("drivers-posix", &base.join("repo"));
+    lifecycle("drivers-posix", &base.join("repo"), "");
 }
 
 #[test]
@@ -135,7 +137,7 @@ fn lifecycle_on_s3() {
     if !garage() {
         return;
     }
-    lifecycle("drivers-s3", &s3_repo("lifecycle"));
+    lifecycle("drivers-s3", &s3_repo("lifecycle"), "--async --workers 4 --spool BASE/spool");
 }
 
 /// Objects of the repository as the S3 API lists them (the test's own view,

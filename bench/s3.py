@@ -102,9 +102,10 @@ def main():
     try:
         run(a, jobs, env)
     finally:
-        proxy.terminate()
+        # Servers first: the archiver's pgBackRest needs the proxy to finish.
         stop(BASE / "data")
         stop(BASE / "restored")
+        proxy.terminate()
         sh(["bash", ROOT / "scripts/garage.sh", "stop", GARAGE_DIR])
 
 

@@ -283,6 +283,8 @@ fn run_backup_job(slot: usize, req: &Slot) -> Result<String, String> {
         repo: blockstream::storage::at(std::path::Path::new(&jobs::get(&req.repo))).map_err(|e| e.to_string())?,
         jobs: req.jobs as usize,
         copy: CopyConfig { compression, ..CopyConfig::default() },
+        // Encrypted repositories are not open to SQL yet (no key source).
+        encryption: Default::default(),
         label: Some("blocktrack.run_backup".into()),
         fast: true,
         mode: match req.mode {

@@ -43,7 +43,7 @@ pub mod timefmt;
 // the folders show the architecture, the paths stay what callers know.
 pub use commands::{archive, backup, catalog, expire, metrics, report, restore, verify};
 pub use formats::{backup_label, blkref, lsn, manifest, pg_control, stream};
-pub use pipeline::{chain, checksum, codec, copy, hash, plan};
+pub use pipeline::{chain, checksum, codec, copy, crypt, hash, plan};
 pub use source::{guard, pgdata};
 pub use storage::repo;
 

@@ -33,6 +33,7 @@ fn options(data: &Path, repo: &Path, mode: BackupMode, jobs: usize) -> BackupOpt
         no_fallback: false,
         verify_checksums: false,
         allow_checksum_failures: false,
+        encryption: Default::default(),
     }
 }
 

@@ -36,6 +36,7 @@ fn backup(c: &mut FakeCluster, store: &SharedStore, mode: BackupMode) -> blockst
         no_fallback: true,
         verify_checksums: false,
         allow_checksum_failures: false,
+        encryption: Default::default(),
     };
     run_backup(&opts, &mut c.session(), &Progress::default()).unwrap()
 }
@@ -53,6 +54,7 @@ fn restore(store: &SharedStore, target: &Path, owner: Option<&str>) -> blockstre
         owner: owner.map(str::to_string),
         target_action: None,
         target_timeline: None,
+        encryption: Default::default(),
     };
     run_restore(&opts, &Progress::default()).map(|_| ())
 }

@@ -144,7 +144,15 @@ fn taken(ok: &Path, file: &Path) -> anyhow::Result<bool> {
 fn open_or_create(root: &Path, wal: &Path) -> anyhow::Result<Repo> {
     let store = blockstream::storage::at(root)?;
     if store.root_state()? == blockstream::storage::RootState::Holds {
-        return Ok(Repo::open_store(store)?);
+        let repo = Repo::open_store(store)?;
+        if repo.is_encrypted() {
+            // Never plaintext WAL next to encrypted backups.
+            anyhow::bail!(
+                "repository \"{}\" is encrypted, and archive-push does not encrypt WAL yet: archive into another repository",
+                repo.location()
+            );
+        }
+        return Ok(repo);
     }
     let raw = safe_fs::read_regular(wal, archive::MAX_RAW)?;
     let (sysid, _) = archive::segment_identity(&raw).map_err(|why| {

@@ -52,6 +52,44 @@ pub enum Command {
     Report(ReportArgs),
     /// Remove what killed writers left: unfinished backups and incomplete multipart uploads
     Cleanup(CleanupArgs),
+    /// The repository key of an encrypted repository
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Wrap the repository key under a new passphrase or key file (the data is not re-encrypted)
+    Rotate(KeyRotateArgs),
+}
+
+/// The key of an encrypted repository (a passphrase, or a raw key file).
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeyArgs {
+    /// File holding the repository's passphrase (mode 0600); default: $BLOCKSTREAM_PASSPHRASE
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// File holding a raw 32-byte key (mode 0600), instead of a passphrase
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// Use a plain repository although a key was given, or read plain backups in an encrypted one
+    #[arg(long)]
+    pub allow_plain: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyRotateArgs {
+    /// Repository directory or s3://bucket/prefix
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// File holding the new passphrase (mode 0600); default: $BLOCKSTREAM_NEW_PASSPHRASE
+    #[arg(long, value_name = "FILE")]
+    pub new_passphrase_file: Option<PathBuf>,
+    /// File holding the new raw 32-byte key (mode 0600)
+    #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
+    pub new_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -152,6 +190,8 @@ pub struct BackupArgs {
     /// Repository directory (created on the first backup)
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Backup type
     #[arg(long = "type", value_enum, default_value = "full")]
     pub kind: BackupKind,
@@ -196,6 +236,8 @@ pub struct RestoreArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// New data directory (must be empty or absent, unless --force)
     #[arg(short = 'D', long = "pgdata", value_name = "TARGET")]
     pub pgdata: PathBuf,
@@ -254,6 +296,8 @@ pub struct InfoArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Output format
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -264,6 +308,8 @@ pub struct VerifyArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Backup to check: an id, "latest" or "all"
     #[arg(long, value_name = "ID", default_value = "all")]
     pub backup: String,
@@ -283,6 +329,8 @@ pub struct DrillArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Backup to drill: an id or "latest"
     #[arg(long, value_name = "ID", default_value = "latest")]
     pub backup: String,
@@ -337,6 +385,8 @@ pub struct MetricsArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 /// A retention policy, as pgBackRest's: the newest N full backups, and of
@@ -362,6 +412,8 @@ pub struct CleanupArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Say what would be removed, remove nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -375,6 +427,8 @@ pub struct ExpireArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     #[command(flatten)]
     pub retention: RetentionArgs,
     /// Say what would be removed, remove nothing
@@ -393,6 +447,8 @@ pub struct ReportArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// The HTML file to write
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,

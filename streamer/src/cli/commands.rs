@@ -14,8 +14,8 @@ use blockstream::verify::verify_backup;
 use serde_json::json;
 
 use super::args::{
-    BackupArgs, BackupKind, Checkpoint, CleanupArgs, Cli, Command, ExpireArgs, InfoArgs, MetricsArgs, Output,
-    ReportArgs, RestoreArgs, RetentionArgs, VerifyArgs,
+    BackupArgs, BackupKind, Checkpoint, CleanupArgs, Cli, Command, ExpireArgs, InfoArgs, KeyCommand, KeyRotateArgs,
+    MetricsArgs, Output, ReportArgs, RestoreArgs, RetentionArgs, VerifyArgs,
 };
 use super::output::{mib, with_progress};
 use super::session::PgSession;
@@ -37,6 +37,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Expire(a) => expire(a),
         Command::Report(a) => report(a),
         Command::Cleanup(a) => cleanup(a),
+        Command::Key(KeyCommand::Rotate(a)) => key_rotate(a),
     }
 }
 
@@ -83,6 +84,8 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
             .map(PathBuf::from)
             .context("no data directory given and the server does not show it to this user: use -D or set PGDATA")?,
     };
+    // Read the key files while still the invoking user (they are 0600).
+    let encryption = super::encryption(&a.keys)?;
     become_cluster_owner(&pgdata)?;
     let opts = BackupOptions {
         pgdata: absolute(&pgdata),
@@ -95,6 +98,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         no_fallback: a.no_fallback,
         verify_checksums: !a.no_verify_checksums,
         allow_checksum_failures: a.allow_checksum_failures,
+        encryption,
     };
     let progress = std::sync::Arc::new(Progress::default());
     let reporter = session.report("backup", opts.repo.location(), progress.clone());
@@ -253,6 +257,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         owner: a.owner.clone(),
         target_action: Some(a.target_action.clone()),
         target_timeline: a.target_timeline.clone(),
+        encryption: super::encryption(&a.keys)?,
     };
     let progress = Progress::default();
     let r = with_progress(progress_on(a.progress, a.output), &progress, || run_restore(&opts, &progress))?;
@@ -303,7 +308,7 @@ fn warn_loose_modes(repo: &Repo) {
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     warn_loose_modes(&repo);
     let mut rows = Vec::new();
     for id in repo.backup_ids()? {
@@ -346,6 +351,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                     "repository": repo.location(),
                     "system_identifier": repo.info.system_identifier.to_string(),
                     "pg_version_num": repo.info.pg_version_num,
+                    "encrypted": repo.is_encrypted(),
                     "backups": backups,
                     "archive": archive,
                     "recoverable": recoverable,
@@ -354,10 +360,11 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         }
         Output::Text => {
             println!(
-                "repository {} (system identifier {}, PostgreSQL {})",
+                "repository {} (system identifier {}, PostgreSQL {}{})",
                 repo.location(),
                 repo.info.system_identifier,
-                repo.info.pg_version_num / 10000
+                repo.info.pg_version_num / 10000,
+                if repo.is_encrypted() { ", encrypted with AES-256-GCM" } else { "" }
             );
             if rows.is_empty() {
                 println!("  no backups yet");
@@ -441,7 +448,7 @@ fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     warn_loose_modes(&repo);
     become_repo_owner(&repo)?;
     let ids = if a.backup == "all" { repo.backup_ids()? } else { vec![repo.resolve(&a.backup)?] };
@@ -509,7 +516,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn metrics(a: MetricsArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     let rows = blockstream::catalog::list(&repo)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let seg = segment_size(&repo);
@@ -542,10 +549,34 @@ fn policy(r: &RetentionArgs) -> Option<blockstream::expire::Policy> {
     })
 }
 
+/// Rewraps the repository key under a new passphrase or key file.
+fn key_rotate(a: KeyRotateArgs) -> anyhow::Result<ExitCode> {
+    use blockstream::crypt::KeySource;
+    let mut repo = super::open_repo(&a.repo, &a.keys)?;
+    if !repo.is_encrypted() {
+        usage_error(format!("repository \"{}\" is not encrypted: there is no key to rotate", repo.location()));
+    }
+    let new = if let Some(f) = &a.new_key_file {
+        KeySource::key_file(f)?
+    } else if let Some(f) = &a.new_passphrase_file {
+        KeySource::passphrase_file(f)?
+    } else if let Some(p) = std::env::var_os("BLOCKSTREAM_NEW_PASSPHRASE") {
+        use std::os::unix::ffi::OsStringExt;
+        KeySource::passphrase(p.into_vec(), "BLOCKSTREAM_NEW_PASSPHRASE")?
+    } else {
+        usage_error("give the new key: --new-passphrase-file, --new-key-file or $BLOCKSTREAM_NEW_PASSPHRASE")
+    };
+    become_repo_owner(&repo)?;
+    let lock = repo.lock()?;
+    repo.rotate_key(&new, &lock)?;
+    println!("rotated the key of repository \"{}\": the old key no longer opens it", repo.location());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Aborts incomplete multipart uploads and removes unfinished backups,
 /// under the lock (a live writer's uploads are never touched).
 fn cleanup(a: CleanupArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     become_repo_owner(&repo)?;
     let (uploads, removed, foreign) = if a.dry_run {
         (repo.store().incomplete_uploads()?, Vec::new(), Vec::new())
@@ -594,7 +625,7 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = policy.check() {
         usage_error(e);
     }
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     become_repo_owner(&repo)?;
     let lock = if a.dry_run { None } else { Some(repo.lock()?) };
     if let Some(l) = &lock {
@@ -658,7 +689,7 @@ fn expire(a: ExpireArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     let rows = blockstream::catalog::list(&repo)?;
     let verifies = blockstream::catalog::read_log(&repo, blockstream::catalog::VERIFY_LOG);
     let drills = blockstream::catalog::read_log(&repo, blockstream::catalog::DRILL_LOG);

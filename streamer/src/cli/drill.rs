@@ -92,7 +92,7 @@ impl Drill {
 
 pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
     let repo_path = super::repo_arg(&a.repo);
-    let repo = Repo::open(&repo_path)?;
+    let repo = super::open_repo(&repo_path, &a.keys)?;
     let id = repo.resolve(&a.backup)?;
     let manifest = repo.load_manifest(&id)?;
     let owner = drill_owner(&a, &manifest)?;
@@ -224,6 +224,7 @@ fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()
         owner: None,
         target_action: None,
         target_timeline: None,
+        encryption: super::encryption(&a.keys).map_err(|e| blockstream::Error::Usage(e.to_string()))?,
     };
     let progress = Progress::default();
     let t = Instant::now();

@@ -60,6 +60,31 @@ pub fn repo_arg(p: &std::path::Path) -> std::path::PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// The key the flags or the environment give: `--key-file`, else
+/// `--passphrase-file`, else `$BLOCKSTREAM_PASSPHRASE`, else none.
+pub fn encryption(k: &args::KeyArgs) -> anyhow::Result<blockstream::crypt::Encryption> {
+    use blockstream::crypt::KeySource;
+    let key = if let Some(f) = &k.key_file {
+        Some(KeySource::key_file(f)?)
+    } else if let Some(f) = &k.passphrase_file {
+        Some(KeySource::passphrase_file(f)?)
+    } else if let Some(p) = std::env::var_os("BLOCKSTREAM_PASSPHRASE") {
+        use std::os::unix::ffi::OsStringExt;
+        Some(KeySource::passphrase(p.into_vec(), "BLOCKSTREAM_PASSPHRASE")?)
+    } else {
+        None
+    };
+    Ok(blockstream::crypt::Encryption { key, allow_plain: k.allow_plain })
+}
+
+/// Opens the repository of a `--repo` argument and unlocks it with the key given.
+pub fn open_repo(repo: &std::path::Path, k: &args::KeyArgs) -> anyhow::Result<blockstream::repo::Repo> {
+    let mut r = blockstream::repo::Repo::open(&repo_arg(repo))?;
+    let e = encryption(k)?;
+    r.unlock(e.key.as_ref(), e.allow_plain)?;
+    Ok(r)
+}
+
 /// A usage error found after parsing: message, usage line, exit code 2.
 pub fn usage_error(msg: impl std::fmt::Display) -> ! {
     eprintln!("error: {msg}\n\n{}", usage_line());

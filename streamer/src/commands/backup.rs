@@ -119,6 +119,9 @@ pub struct BackupOptions {
     pub verify_checksums: bool,
     /// Keep a backup in which pages failed their checksum.
     pub allow_checksum_failures: bool,
+    /// The key of an encrypted repository (or of one to encrypt from its
+    /// first backup on).
+    pub encryption: crate::crypt::Encryption,
 }
 
 /// Takes a full online backup of the cluster behind `session` into the repository.
@@ -147,8 +150,12 @@ pub fn run_backup(opts: &BackupOptions, session: &mut dyn BackupSession, progres
             control.wal_segment_size
         )));
     }
-    let repo = Repo::open_or_create_store(opts.repo.clone(), server.system_identifier, server.pg_version_num)?;
+    let mut repo = Repo::open_or_create_store(opts.repo.clone(), server.system_identifier, server.pg_version_num)?;
     let lock = repo.lock()?;
+    if let Some(src) = &opts.encryption.key {
+        repo.enable_encryption(src, opts.encryption.allow_plain, &lock)?;
+    }
+    repo.unlock(opts.encryption.key.as_ref(), opts.encryption.allow_plain)?;
     if let Some(holder) = &lock.taken_over {
         progress.warn(format!(
             "took over the lock of repository \"{}\" left by a process that died holding it ({holder})",
@@ -281,6 +288,7 @@ fn copy_and_record(
 
     let (mut copies, stats) = plan_copies(&files, parent.as_ref().zip(changes.as_ref()), server.block_size);
     let mut copy_cfg = opts.copy;
+    copy_cfg.chunk_key = repo.keyring().map(|k| k.chunk_key(&id));
     copy_cfg.block_size = control.block_size as usize;
     copy_cfg.relseg_blocks = control.relseg_size;
     if opts.verify_checksums && start.data_checksums {
@@ -320,7 +328,8 @@ fn copy_and_record(
     for w in writers.iter_mut() {
         w.failpoint = "wal-chunk";
     }
-    let wal_outcome = copy_pieces(&files, pieces, &mut writers, &opts.copy, progress)?;
+    let wal_cfg = CopyConfig { chunk_key: copy_cfg.chunk_key, ..opts.copy };
+    let wal_outcome = copy_pieces(&files, pieces, &mut writers, &wal_cfg, progress)?;
     if let Some(&v) = wal_outcome.vanished.first() {
         return Err(Error::Server(format!(
             "WAL segment \"{}\" was removed while the backup needed it",
@@ -365,7 +374,7 @@ fn copy_and_record(
         stop_time: timefmt::iso8601(SystemTime::now()),
         wal_segment_size: server.wal_segment_size,
         data_checksums: start.data_checksums,
-        filters: crate::codec::filters_for(opts.copy.compression),
+        filters: crate::codec::stack(opts.copy.compression, repo.keyring().is_some()),
         compression_v1: None,
         piece_size: opts.copy.piece_size,
         block_size: server.block_size,

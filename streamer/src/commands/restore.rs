@@ -86,6 +86,8 @@ pub struct RestoreOptions {
     pub target_action: Option<String>,
     /// `recovery_target_timeline` (latest, current or a number).
     pub target_timeline: Option<String>,
+    /// The key of an encrypted repository.
+    pub encryption: crate::crypt::Encryption,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -126,7 +128,8 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
     if opts.jobs == 0 {
         return Err(Error::Usage("jobs must be at least 1".into()));
     }
-    let repo = Repo::open_store(opts.repo.clone())?;
+    let mut repo = Repo::open_store(opts.repo.clone())?;
+    repo.unlock(opts.encryption.key.as_ref(), opts.encryption.allow_plain)?;
     let id = match opts.backup.as_str() {
         "latest" => choose_backup(&repo, &opts.recovery_target)?,
         other => repo.resolve(other)?,
@@ -224,7 +227,7 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
             continue;
         }
         let bs = b.block_size as u64;
-        let digests = decode_chunks(readers, b, opts.jobs, progress, Some(chunks), |p| {
+        let digests = decode_chunks(readers, b, repo.keyring(), opts.jobs, progress, Some(chunks), |p| {
             let Some(t) = take.get(&p.file_index) else { return Ok(()) };
             if p.file.path == CONTROL_FILE {
                 // Held back: written last.
@@ -360,7 +363,7 @@ pub fn extract_file(repo: &Repo, id: &str, path: &str, dest: &Path) -> Result<()
     let out = File::create(dest).map_err(Error::io("create", dest))?;
     out.set_len(m.files[index as usize].size).map_err(Error::io("size", dest))?;
     let chunks = m.files[index as usize].chunks.clone();
-    let digests = decode_chunks(&streams, &m, 1, &Progress::default(), Some(&chunks), |p| {
+    let digests = decode_chunks(&streams, &m, repo.keyring(), 1, &Progress::default(), Some(&chunks), |p| {
         if p.file_index == index {
             use std::os::unix::fs::FileExt;
             out.write_all_at(p.record.data, p.record.offset).map_err(Error::io("write", dest))?;

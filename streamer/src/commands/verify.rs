@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::bounded;
 
 use crate::codec::{ChunkDecoder, Filter};
+use crate::crypt::{ChunkKey, Keyring};
 use crate::error::{Error, Result};
 use crate::hash::{file_digest, sha256, to_hex, Digest};
 use crate::manifest::{ChunkMeta, FileEntry, Manifest};
@@ -224,7 +225,7 @@ impl<'m> PieceIndex<'m> {
 fn decode_chunk(
     reader: &StreamReader,
     meta: &ChunkMeta,
-    filters: &[Filter],
+    (filters, key): (&[Filter], Option<ChunkKey>),
     name: &ChunkName,
     stored: &mut Vec<u8>,
     raw: &mut Vec<u8>,
@@ -233,9 +234,9 @@ fn decode_chunk(
     reader.read_chunk(meta, stored, name)?;
     let dec = match decoder {
         Some(d) => d,
-        None => decoder.insert(ChunkDecoder::new(filters)?),
+        None => decoder.insert(ChunkDecoder::new(filters, key)?),
     };
-    dec.decode(stored, meta.raw as usize, raw, name)
+    dec.decode(stored, meta.raw as usize, raw, name.stream, name.chunk, name)
 }
 
 #[derive(Default)]
@@ -253,6 +254,7 @@ struct DecodeState {
 pub fn decode_chunks(
     streams: &[StreamReader],
     m: &Manifest,
+    keys: Option<&Keyring>,
     jobs: usize,
     progress: &Progress,
     only: Option<&[(u16, u32)]>,
@@ -261,11 +263,12 @@ pub fn decode_chunks(
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.raw).sum();
     progress.start_phase("restore", total);
     let index = PieceIndex::new(m);
+    let key = keys.map(|k| k.chunk_key(&m.backup_id));
     let per_thread =
         for_each_chunk(streams, m, jobs, progress, only, |reader, stream, chunk, st: &mut DecodeState| {
             let meta = &m.streams[stream as usize].chunks[chunk as usize];
             let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
-            decode_chunk(reader, meta, &m.filters, &name, &mut st.stored, &mut st.raw, &mut st.decoder)?;
+            decode_chunk(reader, meta, (&m.filters, key), &name, &mut st.stored, &mut st.raw, &mut st.decoder)?;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;
                 st.digests.push((rec.file, piece, sha256(rec.data)));
@@ -390,6 +393,7 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
         }
     };
     check.files = m.files.len() as u64;
+    let key = repo.keyring().map(|k| k.chunk_key(&m.backup_id));
     if let Err(e) = crate::chain::load_chain(repo, id) {
         check.problems.push(problem("chain", e.to_string()));
     }
@@ -429,7 +433,7 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
         progress.add(meta.stored);
         let mut decode = || -> Result<()> {
-            decode_chunk(reader, meta, &m.filters, &name, &mut st.stored, &mut st.raw, &mut st.decoder)?;
+            decode_chunk(reader, meta, (&m.filters, key), &name, &mut st.stored, &mut st.raw, &mut st.decoder)?;
             st.bytes += meta.stored;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;

@@ -176,6 +176,11 @@ impl StreamWriter {
         })
     }
 
+    /// The stream's name in its backup (`stream-NN.bsz`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Index the next appended chunk will get.
     pub fn next_chunk(&self) -> u32 {
         self.chunks.len() as u32

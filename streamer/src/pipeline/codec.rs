@@ -3,8 +3,9 @@
 //!
 //! The write side runs the filters in order ([`ChunkEncoder`]), the read
 //! side undoes them in reverse ([`ChunkDecoder`]), as pgBackRest stacks its
-//! I/O filters. Today the stack is compression (zstd at a chosen level) or
-//! nothing; encryption will follow compression. Every chunk goes through the
+//! I/O filters: compression (zstd at a chosen level, or none), then, in an
+//! encrypted repository, AES-256-GCM ([`crate::crypt`]) with the chunk's
+//! stream and index as associated data. Every chunk goes through the
 //! stack on its own (one zstd frame each), so any chunk can be checked and
 //! restored without its neighbours, and each thread keeps one encoder or
 //! decoder with its contexts for every chunk it handles.
@@ -14,6 +15,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypt::{ChunkCipher, ChunkKey};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,33 +72,51 @@ impl FromStr for Compression {
 pub enum Filter {
     /// One zstd frame per chunk.
     Zstd { level: i32 },
+    /// Sealed with the backup's chunk key ([`crate::crypt`]).
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
 }
 
 impl fmt::Display for Filter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Filter::Zstd { level } => write!(f, "zstd:{level}"),
+            Filter::Aes256Gcm => write!(f, "aes-256-gcm"),
         }
     }
 }
 
 /// The stack for a compression choice: `[zstd]`, or empty for none.
 pub fn filters_for(c: Compression) -> Vec<Filter> {
-    match c {
+    stack(c, false)
+}
+
+/// The stack for a compression choice, then encryption when asked.
+pub fn stack(c: Compression, encrypted: bool) -> Vec<Filter> {
+    let mut s = match c {
         Compression::None => Vec::new(),
         Compression::Zstd { level } => vec![Filter::Zstd { level }],
+    };
+    if encrypted {
+        s.push(Filter::Aes256Gcm);
     }
+    s
 }
 
 /// The compression a stack applies (for display and for the archive's header).
 pub fn compression_of(filters: &[Filter]) -> Compression {
     filters
         .iter()
-        .map(|f| match *f {
-            Filter::Zstd { level } => Compression::Zstd { level },
+        .find_map(|f| match *f {
+            Filter::Zstd { level } => Some(Compression::Zstd { level }),
+            Filter::Aes256Gcm => None,
         })
-        .next()
         .unwrap_or(Compression::None)
+}
+
+/// Whether the stack encrypts.
+pub fn is_encrypted(filters: &[Filter]) -> bool {
+    filters.contains(&Filter::Aes256Gcm)
 }
 
 /// `zstd:3`, or `none` for an empty stack; stages joined by `+`.
@@ -107,49 +127,101 @@ pub fn describe(filters: &[Filter]) -> String {
     filters.iter().map(Filter::to_string).collect::<Vec<_>>().join("+")
 }
 
-/// Refuses a stack this build cannot undo: more than one compression stage
-/// (a manifest from a hostile or newer writer).
+/// Refuses a stack this build cannot undo: anything but an optional
+/// compression stage followed by an optional encryption stage (a manifest
+/// from a hostile or newer writer).
 pub fn check_stack(filters: &[Filter]) -> Result<()> {
-    if filters.len() > 1 {
+    let ok =
+        matches!(filters, [] | [Filter::Zstd { .. }] | [Filter::Aes256Gcm] | [Filter::Zstd { .. }, Filter::Aes256Gcm]);
+    if !ok {
         return Err(Error::Corrupt(format!(
-            "filter stack \"{}\" has more than one compression stage",
+            "filter stack \"{}\" is not compression then encryption, each at most once",
             describe(filters)
         )));
     }
     Ok(())
 }
 
+fn cipher_for(filters: &[Filter], key: Option<ChunkKey>) -> Result<Option<ChunkCipher>> {
+    match (is_encrypted(filters), key) {
+        (false, _) => Ok(None),
+        (true, Some(k)) => Ok(Some(ChunkCipher::new(&k))),
+        (true, None) => Err(Error::Usage("the backup's chunks are encrypted and no key was given".into())),
+    }
+}
+
 /// Runs a chunk through the stack, write side.
 pub struct ChunkEncoder {
     compressor: Compressor,
+    cipher: Option<ChunkCipher>,
+    scratch: Vec<u8>,
 }
 
 impl ChunkEncoder {
-    pub fn new(filters: &[Filter]) -> Result<Self> {
+    /// `key`: the backup's chunk key, needed when the stack encrypts.
+    pub fn new(filters: &[Filter], key: Option<ChunkKey>) -> Result<Self> {
         check_stack(filters)?;
-        Ok(ChunkEncoder { compressor: Compressor::new(compression_of(filters))? })
+        Ok(ChunkEncoder {
+            compressor: Compressor::new(compression_of(filters))?,
+            cipher: cipher_for(filters, key)?,
+            scratch: Vec::new(),
+        })
     }
 
-    /// The stored form of `raw` in `out` (cleared first).
-    pub fn encode(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        self.compressor.compress(raw, out)
+    /// The stored form of `raw`, chunk `chunk` of `stream`, in `out` (cleared first).
+    pub fn encode(&mut self, raw: &[u8], out: &mut Vec<u8>, stream: &str, chunk: u32) -> Result<()> {
+        match &self.cipher {
+            None => self.compressor.compress(raw, out),
+            Some(c) => {
+                self.compressor.compress(raw, &mut self.scratch)?;
+                c.seal(stream, chunk, &self.scratch, out);
+                Ok(())
+            }
+        }
     }
 }
 
 /// Undoes the stack, read side.
 pub struct ChunkDecoder {
     decompressor: Decompressor,
+    cipher: Option<ChunkCipher>,
+    scratch: Vec<u8>,
 }
 
 impl ChunkDecoder {
-    pub fn new(filters: &[Filter]) -> Result<Self> {
+    /// `key`: the backup's chunk key, needed when the stack encrypts.
+    pub fn new(filters: &[Filter], key: Option<ChunkKey>) -> Result<Self> {
         check_stack(filters)?;
-        Ok(ChunkDecoder { decompressor: Decompressor::new(compression_of(filters))? })
+        Ok(ChunkDecoder {
+            decompressor: Decompressor::new(compression_of(filters))?,
+            cipher: cipher_for(filters, key)?,
+            scratch: Vec::new(),
+        })
     }
 
-    /// The raw form of `stored` in `out`, which must come to exactly `raw_len` bytes.
-    pub fn decode(&mut self, stored: &[u8], raw_len: usize, out: &mut Vec<u8>, what: &dyn fmt::Display) -> Result<()> {
-        self.decompressor.decompress(stored, raw_len, out, what)
+    /// The raw form of `stored`, chunk `chunk` of `stream`, in `out`, which
+    /// must come to exactly `raw_len` bytes. An encrypted chunk's tag is
+    /// checked before anything is decompressed.
+    pub fn decode(
+        &mut self,
+        stored: &[u8],
+        raw_len: usize,
+        out: &mut Vec<u8>,
+        stream: &str,
+        chunk: u32,
+        what: &dyn fmt::Display,
+    ) -> Result<()> {
+        match &self.cipher {
+            None => self.decompressor.decompress(stored, raw_len, out, what),
+            Some(c) => {
+                if !c.open(stream, chunk, stored, &mut self.scratch) {
+                    return Err(Error::Corrupt(format!(
+                        "{what} fails its authentication tag: it was altered, moved or sealed with another key"
+                    )));
+                }
+                self.decompressor.decompress(&self.scratch, raw_len, out, what)
+            }
+        }
     }
 }
 
@@ -266,9 +338,9 @@ mod tests {
             let stack = filters_for(c);
             assert_eq!(compression_of(&stack), c);
             let mut stored = Vec::new();
-            ChunkEncoder::new(&stack).unwrap().encode(&raw, &mut stored).unwrap();
+            ChunkEncoder::new(&stack, None).unwrap().encode(&raw, &mut stored, "s", 1).unwrap();
             let mut out = Vec::new();
-            ChunkDecoder::new(&stack).unwrap().decode(&stored, raw.len(), &mut out, &"chunk 1").unwrap();
+            ChunkDecoder::new(&stack, None).unwrap().decode(&stored, raw.len(), &mut out, "s", 1, &"chunk 1").unwrap();
             assert_eq!(out, raw);
         }
         assert_eq!(describe(&[]), "none");
@@ -276,7 +348,29 @@ mod tests {
         let json = serde_json::to_string(&filters_for(Compression::Zstd { level: 3 })).unwrap();
         assert_eq!(json, r#"[{"filter":"zstd","level":3}]"#);
         let two = [Filter::Zstd { level: 1 }, Filter::Zstd { level: 2 }];
-        assert!(ChunkDecoder::new(&two).err().unwrap().to_string().contains("more than one compression stage"));
+        assert!(ChunkDecoder::new(&two, None).err().unwrap().to_string().contains("each at most once"));
+        let backwards = [Filter::Aes256Gcm, Filter::Zstd { level: 1 }];
+        assert!(ChunkDecoder::new(&backwards, None).is_err());
+        // Encrypted: sealed after compression, bound to stream and index.
+        let (ring, _) = crate::crypt::Keyring::create(&crate::crypt::KeySource::Raw([9; 32])).unwrap();
+        let key = ring.chunk_key("20261129T120000F");
+        let enc = stack(Compression::Zstd { level: 3 }, true);
+        assert_eq!(describe(&enc), "zstd:3+aes-256-gcm");
+        assert!(ChunkEncoder::new(&enc, None).is_err(), "no key, no encrypted stack");
+        let mut stored = Vec::new();
+        ChunkEncoder::new(&enc, Some(key)).unwrap().encode(&raw, &mut stored, "stream-00.bsz", 3).unwrap();
+        let mut plain = Vec::new();
+        ChunkEncoder::new(&filters_for(Compression::Zstd { level: 3 }), None)
+            .unwrap()
+            .encode(&raw, &mut plain, "stream-00.bsz", 3)
+            .unwrap();
+        assert_eq!(stored.len(), plain.len() + crate::crypt::OVERHEAD);
+        let mut dec = ChunkDecoder::new(&enc, Some(key)).unwrap();
+        let mut out = Vec::new();
+        dec.decode(&stored, raw.len(), &mut out, "stream-00.bsz", 3, &"chunk 3").unwrap();
+        assert_eq!(out, raw);
+        let err = dec.decode(&stored, raw.len(), &mut out, "stream-00.bsz", 4, &"chunk 4").unwrap_err().to_string();
+        assert!(err.contains("chunk 4 fails its authentication tag"), "{err}");
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct Piece {
 #[derive(Clone, Copy, Debug)]
 pub struct CopyConfig {
     pub compression: Compression,
+    /// The backup's chunk key, in an encrypted repository: chunks are
+    /// sealed after compression.
+    pub chunk_key: Option<crate::crypt::ChunkKey>,
     /// A chunk is closed once its raw size reaches this.
     pub chunk_size: usize,
     pub piece_size: u64,
@@ -57,6 +60,7 @@ impl Default for CopyConfig {
     fn default() -> Self {
         CopyConfig {
             compression: Compression::default(),
+            chunk_key: None,
             chunk_size: 4 << 20,
             piece_size: 1 << 20,
             max_rate: None,
@@ -189,7 +193,7 @@ fn stream_worker(
     throttle: &Throttle,
     remaining: &[AtomicU32],
 ) -> Result<CopyOutcome> {
-    let mut encoder = ChunkEncoder::new(&crate::codec::filters_for(cfg.compression))?;
+    let mut encoder = ChunkEncoder::new(&crate::codec::stack(cfg.compression, cfg.chunk_key.is_some()), cfg.chunk_key)?;
     let mut chunk = ChunkBuilder::with_capacity(cfg.chunk_size + cfg.piece_size as usize + 4096);
     let mut stored = Vec::new();
     let mut out = CopyOutcome::default();
@@ -300,7 +304,7 @@ fn flush(
     writer: &mut StreamWriter,
 ) -> Result<()> {
     let raw = chunk.finish();
-    encoder.encode(raw, stored)?;
+    encoder.encode(raw, stored, writer.name(), writer.next_chunk())?;
     writer.append(stored, raw.len())?;
     chunk.reset();
     Ok(())

@@ -5,6 +5,7 @@
 //! ```text
 //! REPO/
 //!   repo.json              format, version, system identifier, PostgreSQL version
+//!   keys.json              in an encrypted repository: the wrapped key (see crate::crypt)
 //!   lock                   the writer lock (flock(2)-ed in a directory)
 //!   backups/<id>/          manifest.json (last), stream-NN.bsz, backup_label, tablespace_map
 //!   archive/<timeline>/    archived WAL (see crate::archive)
@@ -25,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypt::{KeySource, Keyring, KEYS_FILE};
 use crate::error::{Error, Result};
 use crate::manifest::{limits, BackupType, Manifest, MANIFEST_FILE};
 use crate::storage::{Entry, Kind, RootState, SharedStore, Store, StoreLock};
@@ -48,7 +50,16 @@ pub struct RepoInfo {
 pub struct Repo {
     store: SharedStore,
     pub info: RepoInfo,
+    /// `keys.json`, when the repository is encrypted.
+    keys_json: Option<Vec<u8>>,
+    /// The repository key, once [`Repo::unlock`]ed.
+    keys: Option<Keyring>,
+    /// Read plain manifests in an encrypted repository.
+    allow_plain: bool,
 }
+
+/// Purpose (HKDF info) of the manifests' key.
+const MANIFEST_PURPOSE: &str = "blockstream manifests";
 
 /// Held while a process writes to the repository; released on drop (or death).
 #[derive(Debug)]
@@ -90,7 +101,85 @@ impl Repo {
                 info.version
             )));
         }
-        Ok(Repo { store, info })
+        let keys_json = match store.read(KEYS_FILE, 1 << 16) {
+            Ok(b) => Some(b),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Repo { store, info, keys_json, keys: None, allow_plain: false })
+    }
+
+    /// Whether the repository is encrypted (holds `keys.json`).
+    pub fn is_encrypted(&self) -> bool {
+        self.keys_json.is_some()
+    }
+
+    /// The repository key, when unlocked.
+    pub fn keyring(&self) -> Option<&Keyring> {
+        self.keys.as_ref()
+    }
+
+    /// Opens the repository key with `src`. An encrypted repository needs
+    /// it; a key given for a plain repository is refused unless
+    /// `allow_plain` (its backups are readable by whoever reads it).
+    pub fn unlock(&mut self, src: Option<&KeySource>, allow_plain: bool) -> Result<()> {
+        self.allow_plain = allow_plain;
+        if self.keys.is_some() {
+            return Ok(());
+        }
+        match (&self.keys_json, src) {
+            (Some(json), Some(src)) => self.keys = Some(Keyring::open(json, src, &self.location())?),
+            (Some(_), None) => {
+                return Err(Error::Usage(format!(
+                    "repository \"{}\" is encrypted: give its passphrase (BLOCKSTREAM_PASSPHRASE or --passphrase-file) or its --key-file",
+                    self.location()
+                )))
+            }
+            (None, Some(_)) if !allow_plain => {
+                return Err(Error::Usage(format!(
+                    "repository \"{}\" is not encrypted, and a key was given: refused (--allow-plain to use it unencrypted)",
+                    self.location()
+                )))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Makes a repository that holds no backup yet encrypted: creates the
+    /// repository key, wraps it under `src` and stores `keys.json`. One
+    /// that holds plain backups is refused unless `allow_plain` (it would
+    /// mix them with encrypted ones). Needs the lock.
+    pub fn enable_encryption(&mut self, src: &KeySource, allow_plain: bool, _lock: &RepoLock) -> Result<()> {
+        if self.is_encrypted() {
+            return Ok(());
+        }
+        if !self.backup_ids()?.is_empty() && !allow_plain {
+            return Err(Error::Usage(format!(
+                "repository \"{}\" holds unencrypted backups: an encrypted backup would mix with them (--allow-plain to do it anyway)",
+                self.location()
+            )));
+        }
+        let (ring, json) = Keyring::create(src)?;
+        if !self.store.put_new(KEYS_FILE, &json)? {
+            return Err(Error::Conflict(format!("\"{}\" appeared while it was created", self.describe(KEYS_FILE))));
+        }
+        self.keys_json = Some(json);
+        self.keys = Some(ring);
+        self.allow_plain = allow_plain;
+        Ok(())
+    }
+
+    /// Rewraps the repository key under `new` (the data stays as it is).
+    /// Needs the repository unlocked and the lock.
+    pub fn rotate_key(&mut self, new: &KeySource, _lock: &RepoLock) -> Result<()> {
+        let ring = self.keys.as_ref().ok_or_else(|| {
+            Error::Usage(format!("repository \"{}\" is not unlocked: no key to rotate", self.location()))
+        })?;
+        let json = ring.wrap(new)?;
+        self.store.put(KEYS_FILE, &json)?;
+        self.keys_json = Some(json);
+        Ok(())
     }
 
     /// Opens the repository in a directory, creating it for this cluster if
@@ -218,8 +307,21 @@ impl Repo {
             return Err(Error::Usage(format!("\"{id}\" is not a backup id (like 20261127T031500F)")));
         }
         let key = format!("{}/{MANIFEST_FILE}", Repo::backup_key(id));
-        let bytes = self.store.read(&key, limits::MANIFEST_BYTES)?;
-        let m = Manifest::from_bytes(&bytes, Path::new(&self.describe(&key)))?;
+        let mut bytes = self.store.read(&key, limits::MANIFEST_BYTES)?;
+        let what = self.describe(&key);
+        if crate::crypt::is_sealed(&bytes) {
+            let keys = self.keys.as_ref().ok_or_else(|| {
+                Error::Usage(format!(
+                    "\"{what}\" is encrypted and no key was given (or the repository lost its keys.json)"
+                ))
+            })?;
+            bytes = keys.open_object(MANIFEST_PURPOSE, id, &bytes, &what)?;
+        } else if self.is_encrypted() && !self.allow_plain {
+            return Err(Error::Corrupt(format!(
+                "\"{what}\" is not encrypted, in an encrypted repository: refused (--allow-plain to read it)"
+            )));
+        }
+        let m = Manifest::from_bytes(&bytes, Path::new(&what))?;
         if m.backup_id != id {
             return Err(Error::Corrupt(format!(
                 "manifest in \"{}\" describes backup {}, not {id}",
@@ -233,7 +335,11 @@ impl Repo {
     /// Stores a backup's manifest, the commit point of the backup: atomically
     /// and durably, after everything it lists.
     pub fn store_manifest(&self, m: &Manifest) -> Result<()> {
-        self.store.put(&format!("{}/{MANIFEST_FILE}", Repo::backup_key(&m.backup_id)), &m.to_bytes())
+        let mut bytes = m.to_bytes();
+        if let Some(keys) = &self.keys {
+            bytes = keys.seal_object(MANIFEST_PURPOSE, &m.backup_id, &bytes);
+        }
+        self.store.put(&format!("{}/{MANIFEST_FILE}", Repo::backup_key(&m.backup_id)), &bytes)
     }
 
     /// Removes backup prefixes that never got a manifest: those named like a

@@ -495,7 +495,8 @@ impl Inner {
                 }
                 a.sign(SIGN_FOR)
             };
-            let page = self.request("list", prefix, Verb::Get, &sign, &[], &[], &[200], &mut |_, r| {
+            let shown = prefix.strip_prefix(&self.prefix).unwrap_or(prefix);
+            let page = self.request("list", shown, Verb::Get, &sign, &[], &[], &[200], &mut |_, r| {
                 let body =
                     r.body_mut().with_config().limit(LIST_BODY_MAX).read_to_vec().map_err(std::io::Error::other)?;
                 rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(std::io::Error::other)

@@ -17,9 +17,10 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 step "unit tests (blockstream)"
 cargo test --release -p blockstream --lib
 
-step "engine tests without PostgreSQL (fake cluster; a repository in memory; the format v1 fixture)"
+step "engine tests without PostgreSQL (fake cluster; a repository in memory; encryption; every format's fixture)"
 cargo test --release -p blockstream --test engine
 cargo test --release -p blockstream --test memory_store
+cargo test --release -p blockstream --test encryption
 
 step "fuzzing: every decoder of data read from disk, 100,000 inputs each (FUZZ_ITERS=N for longer)"
 cargo test --release -p blockstream --test fuzz

@@ -348,20 +348,26 @@ fn holds(hay: &[u8], needle: &[u8]) -> bool {
 fn encrypted(name: &str, repo: &Path) {
     const MARKER: &str = "MARKER-secret-row-5c2a9";
     let base = scratch(name);
-    let c = Cluster::init("source", &base);
-    c.start();
-    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
-    c.pgbench_init(2);
-    c.sql("postgres", &format!("CREATE TABLE secrets AS SELECT '{MARKER}' || g AS s FROM generate_series(1, 5000) g"));
+    // Owned by postgres: archive_command and restore_command read them as the server's user.
     let secret = |file: &str, text: &str, mode: u32| {
         let p = base.join(file);
         std::fs::write(&p, text).unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&p).unwrap().permissions(), mode);
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        chown_postgres(&p);
         p.display().to_string()
     };
     let pass = secret("pass", "correct horse battery staple\n", 0o600);
     let loose = secret("loose", "correct horse battery staple\n", 0o644);
+    let c = Cluster::init("source", &base);
+    c.append_conf(&format!(
+        "archive_mode = on\narchive_command = '{} archive-push --repo {} --passphrase-file {pass} %p'\n",
+        env!("CARGO_BIN_EXE_blockstream"),
+        repo.display()
+    ));
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    c.pgbench_init(2);
+    c.sql("postgres", &format!("CREATE TABLE secrets AS SELECT '{MARKER}' || g AS s FROM generate_series(1, 5000) g"));
 
     // A passphrase file others may read is refused, and nothing is written.
     let mut args: Vec<String> = vec!["backup".into(), "-D".into(), c.data.display().to_string()];
@@ -376,7 +382,7 @@ fn encrypted(name: &str, repo: &Path) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("has mode 0644: it must be readable by its owner only"), "{err}");
-    assert!(all_objects(repo).is_empty(), "a refused backup wrote nothing");
+    assert!(all_objects(repo).iter().all(|(k, _)| !k.starts_with("backups/")), "a refused backup wrote nothing");
 
     let full: serde_json::Value =
         serde_json::from_str(&bs_ok(&argv(&with(&["--passphrase-file", &pass, "--output", "json"])))).unwrap();
@@ -385,12 +391,19 @@ fn encrypted(name: &str, repo: &Path) {
         serde_json::from_str(&bs_ok(&argv(&with(&["--passphrase-file", &pass, "--type", "incr", "--output", "json"]))))
             .unwrap();
     assert_eq!(incr["parent"], full["backup_id"]);
+    // A restore point after the incremental, reached through the encrypted archive.
+    c.sql("postgres", "INSERT INTO secrets VALUES ('at the point')");
     let expected = c.dumpall();
+    c.sql("postgres", "SELECT pg_create_restore_point('enc_point')");
+    switch_and_wait(&c);
+    c.sql("postgres", "INSERT INTO secrets VALUES ('after the point')");
+    switch_and_wait(&c);
     c.stop();
 
     // No plaintext anywhere; every zstd frame decompressed shows none either.
     let objects = all_objects(repo);
     assert!(objects.iter().any(|(k, _)| k == "keys.json"));
+    assert!(objects.iter().filter(|(k, _)| k.starts_with("archive/")).count() >= 3, "WAL was archived");
     for (key, bytes) in &objects {
         assert!(!holds(bytes, MARKER.as_bytes()), "{key} holds the marker");
         for i in (0..bytes.len().saturating_sub(4)).filter(|&i| bytes[i..].starts_with(&[0x28, 0xb5, 0x2f, 0xfd])) {
@@ -416,7 +429,27 @@ fn encrypted(name: &str, repo: &Path) {
         bs(&["verify", "--repo", path(repo), "--key-file", &base.join("absent").display().to_string()]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("absent"), "{err}");
-    bs_ok(&["verify", "--repo", path(repo), "--passphrase-file", &pass]);
+    let out = bs_ok(&["verify", "--repo", path(repo), "--passphrase-file", &pass]);
+    assert!(out.contains("archive: ok"), "{out}");
+
+    // A flipped bit in an archived segment: verify names it.
+    let store = blockstream::storage::at(repo).unwrap();
+    let (seg_key, seg) = objects
+        .iter()
+        .filter(|(k, _)| k.starts_with("archive/") && k.ends_with(".bsw") && !k.contains(".history"))
+        .max_by_key(|(k, _)| k.clone())
+        .unwrap();
+    let mut bad = seg.clone();
+    let n = bad.len();
+    bad[n - 40] ^= 0x08;
+    store.put(seg_key, &bad).unwrap();
+    if !blockstream::storage::is_url(repo) {
+        chown_postgres(&repo.join(seg_key)); // written as root here; verify runs as the repository's owner
+    }
+    let (code, out, _) = bs(&["verify", "--repo", path(repo), "--passphrase-file", &pass]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("fails its authentication tag") && out.contains(seg_key.as_str()), "{out}");
+    store.put(seg_key, seg).unwrap();
 
     // Rotation: the new passphrase restores the chain; the old one is refused.
     let new = secret("new", "a brand new passphrase\n", 0o600);
@@ -424,9 +457,9 @@ fn encrypted(name: &str, repo: &Path) {
     let (code, _, err) = bs(&["verify", "--repo", path(repo), "--passphrase-file", &pass]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("the key does not open it"), "{err}");
-    let r = restore_and_start("restored", repo, &base, 2, &["--passphrase-file", &new]);
-    assert_same_dump(&expected, &r.dumpall(), "restore of an encrypted chain");
-    assert_eq!(r.sql("postgres", "SELECT count(*) FROM secrets"), "5000");
+    let r = restore_and_start("restored", repo, &base, 2, &["--passphrase-file", &new, "--target-name", "enc_point"]);
+    assert_same_dump(&expected, &r.dumpall(), "restore of an encrypted chain to a point in its encrypted archive");
+    assert_eq!(r.sql("postgres", "SELECT count(*) FROM secrets"), "5001");
     r.stop();
 }
 

@@ -597,7 +597,7 @@ fn archived_wal_file() {
     use blockstream::archive;
     let wal: Vec<u8> = (0..65_536u32).map(|i| if i % 512 < 40 { (i * 31) as u8 } else { 0 }).collect();
     let seed = archive::encode("000000010000000000000003", 42, &wal, Compression::Zstd { level: 3 }).unwrap();
-    assert_eq!(archive::decode(&seed, &"seed").unwrap().1, wal);
+    assert_eq!(archive::decode(&seed, &"seed", None).unwrap().1, wal);
     let history = b"1\t0/3000060\tno recovery target specified\n2\t0/5000100\tat restore point \"a\"\n";
     let mut r = rng(6);
     run(
@@ -620,7 +620,7 @@ fn archived_wal_file() {
         // memory follows what the frame really decompresses to.
         |len| (limits::CHUNK_RAW as usize + 64).max(64 * len),
         |b| {
-            let _ = archive::decode(b, &"fuzz");
+            let _ = archive::decode(b, &"fuzz", None);
             let _ = archive::parse_history(&String::from_utf8_lossy(b));
         },
     );

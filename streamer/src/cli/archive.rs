@@ -85,7 +85,7 @@ pub fn archive_push(a: ArchivePushArgs) -> anyhow::Result<ExitCode> {
     }
     let repo_path = super::repo_arg(&a.repo);
     if !a.r#async {
-        let repo = open_or_create(&repo_path, &a.path)?;
+        let repo = open_or_create(&repo_path, &a.path, &a.keys)?;
         archive::push_with(&repo, &a.path, &name, a.compress, a.threads)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -141,17 +141,27 @@ fn taken(ok: &Path, file: &Path) -> anyhow::Result<bool> {
 /// The repository, created on the first push when it does not exist yet
 /// (identity from the segment and PG_VERSION in the working directory, the
 /// data directory when PostgreSQL runs archive_command).
-fn open_or_create(root: &Path, wal: &Path) -> anyhow::Result<Repo> {
+/// Unlocks the repository for pushing. A key given for a repository that
+/// is not encrypted yet is refused (PostgreSQL keeps the WAL and retries):
+/// the first backup given the key encrypts the repository, and pushes store
+/// sealed WAL from then on; no plaintext WAL is ever written next to it.
+fn unlock_for_push(repo: &mut Repo, keys: &super::args::KeyArgs) -> anyhow::Result<()> {
+    let e = super::encryption(keys)?;
+    if e.key.is_some() && !repo.is_encrypted() && !e.allow_plain && repo.backup_ids()?.is_empty() {
+        anyhow::bail!(
+            "repository \"{}\" is not encrypted yet: its first backup given this key encrypts it, and WAL is archived from then on",
+            repo.location()
+        );
+    }
+    repo.unlock(e.key.as_ref(), e.allow_plain)?;
+    Ok(())
+}
+
+fn open_or_create(root: &Path, wal: &Path, keys: &super::args::KeyArgs) -> anyhow::Result<Repo> {
     let store = blockstream::storage::at(root)?;
     if store.root_state()? == blockstream::storage::RootState::Holds {
-        let repo = Repo::open_store(store)?;
-        if repo.is_encrypted() {
-            // Never plaintext WAL next to encrypted backups.
-            anyhow::bail!(
-                "repository \"{}\" is encrypted, and archive-push does not encrypt WAL yet: archive into another repository",
-                repo.location()
-            );
-        }
+        let mut repo = Repo::open_store(store)?;
+        unlock_for_push(&mut repo, keys)?;
         return Ok(repo);
     }
     let raw = safe_fs::read_regular(wal, archive::MAX_RAW)?;
@@ -163,7 +173,9 @@ fn open_or_create(root: &Path, wal: &Path) -> anyhow::Result<Repo> {
         )
     })?;
     let version: u32 = fs::read_to_string("PG_VERSION").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(15);
-    Ok(Repo::open_or_create_store(store, sysid, version * 10000)?)
+    let mut repo = Repo::open_or_create_store(store, sysid, version * 10000)?;
+    unlock_for_push(&mut repo, keys)?;
+    Ok(repo)
 }
 
 /// Makes sure a pusher runs (starts one unless one does).
@@ -172,7 +184,7 @@ fn ensure_pusher(a: &ArchivePushArgs, spool: &Path, wal_dir: &Path) -> anyhow::R
     if try_lock(&lock)?.is_none() {
         return Ok(());
     }
-    let args = vec![
+    let mut args = vec![
         "archive-push-daemon".to_string(),
         "--repo".into(),
         super::repo_arg(&a.repo).display().to_string(),
@@ -185,6 +197,7 @@ fn ensure_pusher(a: &ArchivePushArgs, spool: &Path, wal_dir: &Path) -> anyhow::R
         "--compress".into(),
         a.compress.to_string(),
     ];
+    args.extend(super::key_flags(&a.keys));
     spawn_detached(&args, &spool.join("out.log"))
 }
 
@@ -233,7 +246,7 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         idle_since = Instant::now();
-        let repo = match open_or_create(&super::repo_arg(&a.repo), &wal_dir.join(&todo[0])) {
+        let repo = match open_or_create(&super::repo_arg(&a.repo), &wal_dir.join(&todo[0]), &a.keys) {
             Ok(r) => r,
             Err(e) => {
                 failures += 1;
@@ -358,7 +371,7 @@ pub fn archive_get(a: ArchiveGetArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     if let Some(raw) = archive::fetch(&repo, &a.file)? {
         archive::write_file(&a.path, &raw)?;
         if let Some(spool) = &spool {
@@ -391,7 +404,7 @@ fn prefetch_after(a: &ArchiveGetArgs, spool: &Path) {
     }
     let _ = fs::create_dir_all(spool.join("in"));
     let Ok(Some(_)) = try_lock(&spool.join("in.lock")) else { return };
-    let args = vec![
+    let mut args = vec![
         "archive-get-daemon".to_string(),
         "--repo".into(),
         super::repo_arg(&a.repo).display().to_string(),
@@ -402,6 +415,7 @@ fn prefetch_after(a: &ArchiveGetArgs, spool: &Path) {
         "--after".into(),
         a.file.clone(),
     ];
+    args.extend(super::key_flags(&a.keys));
     let _ = spawn_detached(&args, &spool.join("in.log"));
 }
 
@@ -412,7 +426,7 @@ pub fn get_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
     let spool = absolute(&a.spool);
     let Some(_lock) = try_lock(&spool.join("in.lock"))? else { return Ok(ExitCode::SUCCESS) };
     let dir = spool.join("in");
-    let repo = Repo::open(&super::repo_arg(&a.repo))?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
     let after = a.after.clone().unwrap_or_default();
     // The segment size: from the newest backup (the archive names do not carry it).
     let seg_size = repo

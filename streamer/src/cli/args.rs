@@ -368,6 +368,8 @@ pub struct ArchiveGetArgs {
     /// Repository directory or s3://bucket/prefix
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Fetch this many following segments ahead, in parallel, into the spool
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub prefetch: usize,
@@ -462,6 +464,8 @@ pub struct ArchivePushArgs {
     /// Repository directory (created by the first push when absent)
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     /// Compression: zstd[:LEVEL] or none
     #[arg(long = "compress", value_name = "METHOD", value_parser = parse_compression, default_value = "zstd:1")]
     pub compress: Compression,
@@ -489,6 +493,8 @@ pub struct ArchivePushArgs {
 pub struct DaemonArgs {
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     #[arg(long, value_name = "DIR")]
     pub spool: PathBuf,
     #[arg(long, value_name = "N", value_parser = jobs_parser(), default_value_t = 4)]
@@ -508,6 +514,8 @@ pub struct WalReceiveArgs {
     /// Repository directory (created when absent)
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Persistent physical replication slot to stream from (created when absent)

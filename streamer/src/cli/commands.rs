@@ -238,8 +238,17 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
             } else {
                 String::new()
             };
+            let keys: String = super::key_flags(&a.keys).iter().map(|f| format!(" {}", shell_quote(f))).collect();
+            if a.keys.passphrase_file.is_none()
+                && a.keys.key_file.is_none()
+                && std::env::var_os("BLOCKSTREAM_PASSPHRASE").is_some()
+            {
+                eprintln!(
+                    "blockstream: warning: the passphrase came from BLOCKSTREAM_PASSPHRASE: restore_command needs it in the server's environment, or restore with --passphrase-file"
+                );
+            }
             Some(format!(
-                "{} archive-get --repo {}{prefetch} %f \"%p\"",
+                "{} archive-get --repo {}{keys}{prefetch} %f \"%p\"",
                 shell_quote(&exe.display().to_string()),
                 shell_quote(&repo.display().to_string())
             ))
@@ -470,7 +479,10 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             eprintln!("blockstream: warning: the verify log was not written: {e}");
         }
     }
-    let problems: usize = results.iter().map(|r| r.problems.len()).sum();
+    // With every backup, the WAL archive too: each file read and checked.
+    let (archived, archive_problems) =
+        if a.backup == "all" { blockstream::archive::verify_files(&repo)? } else { (0, Vec::new()) };
+    let problems: usize = results.iter().map(|r| r.problems.len()).sum::<usize>() + archive_problems.len();
     match a.output {
         Output::Json => {
             let list: Vec<_> = results
@@ -488,7 +500,14 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&json!({"backups": list, "problems": problems}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "backups": list,
+                    "archive": {"files": archived, "problems": archive_problems},
+                    "problems": problems,
+                }))?
+            );
         }
         Output::Text => {
             for r in &results {
@@ -509,6 +528,12 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             }
             if ids.is_empty() {
                 println!("repository {} holds no backup", repo.location());
+            }
+            if archived > 0 && archive_problems.is_empty() {
+                println!("archive: ok ({archived} files)");
+            }
+            for p in &archive_problems {
+                println!("archive: {p}");
             }
         }
     }

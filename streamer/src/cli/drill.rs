@@ -217,9 +217,10 @@ fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()
         force: false,
         recovery_target: RecoveryTarget::Immediate,
         restore_command: Some(format!(
-            "{} archive-get --repo {} %f \"%p\"",
+            "{} archive-get --repo {}{} %f \"%p\"",
             shell_quote(&exe.display().to_string()),
-            shell_quote(&d.repo.display().to_string())
+            shell_quote(&d.repo.display().to_string()),
+            super::key_flags(&a.keys).iter().map(|f| format!(" {}", shell_quote(f))).collect::<String>()
         )),
         owner: None,
         target_action: None,

@@ -77,6 +77,24 @@ pub fn encryption(k: &args::KeyArgs) -> anyhow::Result<blockstream::crypt::Encry
     Ok(blockstream::crypt::Encryption { key, allow_plain: k.allow_plain })
 }
 
+/// The key flags again, for a command this one starts (a daemon, a
+/// restore_command): files only; a passphrase from the environment is
+/// inherited by a child, never written into a command line.
+pub fn key_flags(k: &args::KeyArgs) -> Vec<String> {
+    let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
+    let mut v = Vec::new();
+    if let Some(f) = &k.passphrase_file {
+        v.extend(["--passphrase-file".to_string(), abs(f)]);
+    }
+    if let Some(f) = &k.key_file {
+        v.extend(["--key-file".to_string(), abs(f)]);
+    }
+    if k.allow_plain {
+        v.push("--allow-plain".into());
+    }
+    v
+}
+
 /// Opens the repository of a `--repo` argument and unlocks it with the key given.
 pub fn open_repo(repo: &std::path::Path, k: &args::KeyArgs) -> anyhow::Result<blockstream::repo::Repo> {
     let mut r = blockstream::repo::Repo::open(&repo_arg(repo))?;

@@ -114,7 +114,9 @@ pub fn wal_receive(a: WalReceiveArgs) -> anyhow::Result<ExitCode> {
         .and_then(|s| parse_show_size(&s))
         .context("could not read wal_segment_size")?;
     let root = super::repo_arg(&a.repo);
-    let repo = Repo::open_or_create(&root, sysid, version)?;
+    let mut repo = Repo::open_or_create(&root, sysid, version)?;
+    let e = super::encryption(&a.keys)?;
+    repo.unlock(e.key.as_ref(), e.allow_plain)?;
     let recv = root.join(RECEIVE_DIR);
     safe_fs::create_dir(&recv, safe_fs::DIR_MODE)?;
     if let Some(slot) = &a.slot {

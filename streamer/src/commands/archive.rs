@@ -13,9 +13,16 @@
 //!
 //! ```text
 //! magic "BSWA" | version u32 | system identifier u64 | raw length u64 | stored length u64
-//! | SHA-256 of the raw content (32) | compression u8 (0 none, 1 zstd) | 7 zero bytes
-//! | file name (56, zero-padded) | CRC-32C of the 124 bytes before it
+//! | SHA-256 of the raw content (32) | compression u8 (0 none, 1 zstd) | encrypted u8
+//! | 6 zero bytes | file name (56, zero-padded) | CRC-32C of the 124 bytes before it
 //! ```
+//!
+//! In an encrypted repository (version 2) the content after compression is
+//! sealed with the archive's key and the file's name as associated data
+//! ([`crate::crypt::WalCipher`]), and the digest is an HMAC-SHA256 of the
+//! raw content under a key of the repository, so the header tells nothing
+//! of what the file holds; a file altered, renamed or from another
+//! repository fails its tag.
 //!
 //! A file is stored with [`crate::storage::Store::put_new`], atomically,
 //! durably and never over an existing object (in a directory: temporary
@@ -45,6 +52,8 @@ pub const RECEIVE_DIR: &str = "receive";
 pub const PUSH_STATUS: &str = "archive/push-status.json";
 const MAGIC: &[u8; 4] = b"BSWA";
 const VERSION: u32 = 1;
+/// Files of an encrypted repository.
+const VERSION_SEALED: u32 = 2;
 const HEADER_LEN: usize = 128;
 /// The largest WAL file there is: a 1 GB segment.
 pub const MAX_RAW: u64 = 1 << 30;
@@ -124,20 +133,23 @@ pub struct Header {
     pub system_identifier: u64,
     pub raw_len: u64,
     pub stored_len: u64,
+    /// SHA-256 of the raw content, or its HMAC-SHA256 when encrypted.
     pub raw_sha256: Digest,
     pub compressed: bool,
+    pub encrypted: bool,
     pub name: String,
 }
 
 fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
     b[0..4].copy_from_slice(MAGIC);
-    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    b[4..8].copy_from_slice(&(if h.encrypted { VERSION_SEALED } else { VERSION }).to_le_bytes());
     b[8..16].copy_from_slice(&h.system_identifier.to_le_bytes());
     b[16..24].copy_from_slice(&h.raw_len.to_le_bytes());
     b[24..32].copy_from_slice(&h.stored_len.to_le_bytes());
     b[32..64].copy_from_slice(&h.raw_sha256);
     b[64] = h.compressed as u8;
+    b[65] = h.encrypted as u8;
     let n = h.name.len().min(55);
     b[72..72 + n].copy_from_slice(&h.name.as_bytes()[..n]);
     let crc = crc32c(&b[..124]);
@@ -158,8 +170,8 @@ pub fn decode_header(b: &[u8], total_len: u64, what: &dyn std::fmt::Display) -> 
         return Err(bad("has a damaged header".into()));
     }
     let version = u32::from_le_bytes(b[4..8].try_into().unwrap());
-    if version != VERSION {
-        return Err(bad(format!("has format version {version}, expected {VERSION}")));
+    if version != VERSION && version != VERSION_SEALED {
+        return Err(bad(format!("has format version {version}, expected {VERSION} or {VERSION_SEALED}")));
     }
     let name_end = b[72..124].iter().position(|&c| c == 0).map_or(124, |p| 72 + p);
     let h = Header {
@@ -168,9 +180,11 @@ pub fn decode_header(b: &[u8], total_len: u64, what: &dyn std::fmt::Display) -> 
         stored_len: u64_at(24),
         raw_sha256: b[32..64].try_into().unwrap(),
         compressed: b[64] == 1,
+        encrypted: version == VERSION_SEALED,
         name: String::from_utf8_lossy(&b[72..name_end]).into_owned(),
     };
-    if h.raw_len > MAX_RAW || h.stored_len > crate::manifest::limits::stored_bound(h.raw_len) {
+    let seal = if h.encrypted { crate::crypt::OVERHEAD as u64 } else { 0 };
+    if h.raw_len > MAX_RAW || h.stored_len > crate::manifest::limits::stored_bound(h.raw_len) + seal {
         return Err(bad(format!("claims {} raw and {} stored bytes", h.raw_len, h.stored_len)));
     }
     if total_len != HEADER_LEN as u64 + h.stored_len {
@@ -181,7 +195,7 @@ pub fn decode_header(b: &[u8], total_len: u64, what: &dyn std::fmt::Display) -> 
 
 /// The bytes of an archived file for `raw`.
 pub fn encode(name: &str, system_identifier: u64, raw: &[u8], compression: Compression) -> Result<Vec<u8>> {
-    encode_with(name, system_identifier, raw, compression, 1)
+    encode_with(name, system_identifier, raw, compression, 1, None)
 }
 
 /// [`encode`], compressing with `threads` threads while another thread
@@ -192,27 +206,39 @@ pub fn encode_with(
     raw: &[u8],
     compression: Compression,
     threads: usize,
+    keys: Option<&crate::crypt::Keyring>,
 ) -> Result<Vec<u8>> {
     let mut stored = Vec::new();
     let compressed = !matches!(compression, Compression::None);
     let mut compressor = Compressor::with_threads(compression, threads)?;
+    let wal = keys.map(|k| k.wal());
+    let digest = |raw: &[u8]| match &wal {
+        Some(w) => w.digest(raw),
+        None => sha256(raw),
+    };
     let raw_sha256 = if raw.len() >= 1 << 20 {
         std::thread::scope(|s| {
-            let hash = s.spawn(|| sha256(raw));
+            let hash = s.spawn(|| digest(raw));
             let done = compressor.compress(raw, &mut stored);
             let digest = hash.join().expect("the hashing thread does not panic");
             done.map(|_| digest)
         })?
     } else {
         compressor.compress(raw, &mut stored)?;
-        sha256(raw)
+        digest(raw)
     };
+    if let Some(w) = &wal {
+        let mut sealed = Vec::new();
+        w.seal(name, &stored, &mut sealed);
+        stored = sealed;
+    }
     let h = Header {
         system_identifier,
         raw_len: raw.len() as u64,
         stored_len: stored.len() as u64,
         raw_sha256,
         compressed,
+        encrypted: wal.is_some(),
         name: name.into(),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + stored.len());
@@ -223,8 +249,33 @@ pub fn encode_with(
 
 /// The raw content of an archived file, checked against its header's
 /// SHA-256; `what` names it.
-pub fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<(Header, Vec<u8>)> {
+pub fn decode(
+    bytes: &[u8],
+    what: &dyn std::fmt::Display,
+    keys: Option<&crate::crypt::Keyring>,
+) -> Result<(Header, Vec<u8>)> {
     let h = decode_header(bytes, bytes.len() as u64, what)?;
+    let wal = match (h.encrypted, keys) {
+        (false, _) => None,
+        (true, Some(k)) => Some(k.wal()),
+        (true, None) => {
+            return Err(Error::Usage(format!("archived WAL file \"{what}\" is encrypted and no key was given")))
+        }
+    };
+    let opened;
+    let body = match &wal {
+        None => &bytes[HEADER_LEN..],
+        Some(w) => {
+            let mut plain = Vec::new();
+            if !w.open(&h.name, &bytes[HEADER_LEN..], &mut plain) {
+                return Err(Error::Corrupt(format!(
+                    "archived WAL file \"{what}\" fails its authentication tag: it was altered, renamed or sealed with another key"
+                )));
+            }
+            opened = plain;
+            &opened[..]
+        }
+    };
     let mut raw = Vec::new();
     let c = if h.compressed { Compression::Zstd { level: 1 } } else { Compression::None };
     if h.raw_len > crate::manifest::limits::CHUNK_RAW {
@@ -232,7 +283,6 @@ pub fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<(Header, Vec
         // follows what the frame really holds, never the header's claim,
         // and reading stops one byte past it.
         use std::io::Read;
-        let body = &bytes[HEADER_LEN..];
         let result = if h.compressed {
             zstd::stream::read::Decoder::with_buffer(body).and_then(|d| d.take(h.raw_len + 1).read_to_end(&mut raw))
         } else {
@@ -240,7 +290,7 @@ pub fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<(Header, Vec
         };
         result.map_err(|e| Error::Corrupt(format!("archived WAL file \"{what}\" does not decompress: {e}")))?;
     } else {
-        Decompressor::new(c)?.decompress(&bytes[HEADER_LEN..], h.raw_len as usize, &mut raw, what)?;
+        Decompressor::new(c)?.decompress(body, h.raw_len as usize, &mut raw, what)?;
     }
     if raw.len() as u64 != h.raw_len {
         return Err(Error::Corrupt(format!(
@@ -249,10 +299,15 @@ pub fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<(Header, Vec
             h.raw_len
         )));
     }
-    if sha256(&raw) != h.raw_sha256 {
+    let digest = match &wal {
+        Some(w) => w.digest(&raw),
+        None => sha256(&raw),
+    };
+    if digest != h.raw_sha256 {
         return Err(Error::Corrupt(format!(
-            "archived WAL file \"{what}\" is damaged: sha256 {}, expected {}",
-            to_hex(&sha256(&raw)),
+            "archived WAL file \"{what}\" is damaged: {} {}, expected {}",
+            if wal.is_some() { "hmac-sha256" } else { "sha256" },
+            to_hex(&digest),
             to_hex(&h.raw_sha256)
         )));
     }
@@ -318,16 +373,19 @@ pub fn push_with(repo: &Repo, source: &Path, name: &str, compression: Compressio
     }
     let key = relative_path(name)?;
     let what = repo.describe(&key);
-    if let Some(h) = existing_header(repo, &key)? {
-        return same_or_refuse(&h, &raw, &what);
+    if repo.is_encrypted() && repo.keyring().is_none() {
+        return Err(Error::Usage(format!("repository \"{}\" is encrypted and no key was given", repo.location())));
     }
-    let bytes = encode_with(name, sysid, &raw, compression, threads)?;
+    if let Some(h) = existing_header(repo, &key)? {
+        return same_or_refuse(repo, &h, &raw, &what);
+    }
+    let bytes = encode_with(name, sysid, &raw, compression, threads, repo.keyring())?;
     // Never over an existing object: of two concurrent pushes of a file, one stores it.
     if repo.store().put_new(&key, &bytes)? {
         return Ok(Pushed::Stored { raw: raw.len() as u64, stored: bytes.len() as u64 });
     }
     let h = existing_header(repo, &key)?.ok_or_else(|| Error::Conflict(format!("\"{what}\" vanished")))?;
-    same_or_refuse(&h, &raw, &what)
+    same_or_refuse(repo, &h, &raw, &what)
 }
 
 fn existing_header(repo: &Repo, key: &str) -> Result<Option<Header>> {
@@ -344,8 +402,12 @@ fn existing_header(repo: &Repo, key: &str) -> Result<Option<Header>> {
     }
 }
 
-fn same_or_refuse(h: &Header, raw: &[u8], what: &str) -> Result<Pushed> {
-    let digest = sha256(raw);
+fn same_or_refuse(repo: &Repo, h: &Header, raw: &[u8], what: &str) -> Result<Pushed> {
+    let digest = match (h.encrypted, repo.keyring()) {
+        (true, Some(k)) => k.wal().digest(raw),
+        (true, None) => return Err(Error::Usage(format!("\"{what}\" is encrypted and no key was given"))),
+        (false, _) => sha256(raw),
+    };
     if h.raw_sha256 == digest && h.raw_len == raw.len() as u64 {
         Ok(Pushed::AlreadyThere)
     } else {
@@ -368,7 +430,22 @@ pub fn fetch(repo: &Repo, name: &str) -> Result<Option<Vec<u8>>> {
         let key = relative_path(&n)?;
         match repo.store().read(&key, HEADER_LEN as u64 + crate::manifest::limits::stored_bound(MAX_RAW)) {
             Ok(bytes) => {
-                let (h, mut raw) = decode(&bytes, &repo.describe(&key))?;
+                let (h, mut raw) = decode(&bytes, &repo.describe(&key), repo.keyring())?;
+                // The name is the associated data of a sealed file: checked
+                // against the one asked for, a file moved elsewhere is refused.
+                if h.name != n {
+                    return Err(Error::Corrupt(format!(
+                        "archived WAL file \"{}\" holds \"{}\"",
+                        repo.describe(&key),
+                        h.name
+                    )));
+                }
+                if !h.encrypted && repo.is_encrypted() && !repo.allows_plain() {
+                    return Err(Error::Corrupt(format!(
+                        "archived WAL file \"{}\" is not encrypted, in an encrypted repository: refused (--allow-plain to use it)",
+                        repo.describe(&key)
+                    )));
+                }
                 if h.system_identifier != repo.info.system_identifier {
                     return Err(Error::Corrupt(format!(
                         "archived WAL file \"{}\" belongs to system {}, the repository to {}",
@@ -602,6 +679,33 @@ pub fn facts(repo: &Repo, segment_size: u64) -> Option<Facts> {
     })
 }
 
+/// Reads and checks every archived WAL file (digest, and in an encrypted
+/// repository its tag and name): how many were read, and a message for
+/// each one that fails.
+pub fn verify_files(repo: &Repo) -> Result<(u64, Vec<String>)> {
+    let mut problems = Vec::new();
+    let files = files(repo)?;
+    for (name, key) in &files {
+        let what = repo.describe(key);
+        let checked = repo
+            .store()
+            .read(
+                key,
+                HEADER_LEN as u64 + crate::manifest::limits::stored_bound(MAX_RAW) + crate::crypt::OVERHEAD as u64,
+            )
+            .and_then(|bytes| decode(&bytes, &what, repo.keyring()));
+        match checked {
+            Ok((h, _)) if h.name != *name => problems.push(format!("\"{what}\" holds \"{}\"", h.name)),
+            Ok((h, _)) if !h.encrypted && repo.is_encrypted() && !repo.allows_plain() => {
+                problems.push(format!("\"{what}\" is not encrypted, in an encrypted repository"))
+            }
+            Ok(_) => {}
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    Ok((files.len() as u64, problems))
+}
+
 /// Every archived WAL file (for expire): (name, key).
 pub fn files(repo: &Repo) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
@@ -639,15 +743,15 @@ mod tests {
         assert_eq!(relative_path("000000010000000200000003").unwrap(), "archive/00000001/000000010000000200000003.bsw");
         let raw: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
         let bytes = encode("000000010000000200000003", 42, &raw, Compression::Zstd { level: 3 }).unwrap();
-        let (h, back) = decode(&bytes, &"x").unwrap();
+        let (h, back) = decode(&bytes, &"x", None).unwrap();
         assert_eq!((h.system_identifier, back), (42, raw));
         let mut bad = bytes.clone();
         let n = bad.len();
         bad[n - 3] ^= 1;
-        assert!(decode(&bad, &"x").is_err());
+        assert!(decode(&bad, &"x", None).is_err());
         let mut bad = bytes.clone();
         bad[20] ^= 1;
-        assert!(decode(&bad, &"x").unwrap_err().to_string().contains("damaged header"));
+        assert!(decode(&bad, &"x", None).unwrap_err().to_string().contains("damaged header"));
         assert!(decode_header(&bytes[..HEADER_LEN], bytes.len() as u64 + 1, &"x").is_err());
         assert_eq!(
             parse_history("1\t0/3000060\tno recovery target specified\n\n2\t0/5000100\tat restore point\n"),

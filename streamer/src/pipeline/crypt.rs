@@ -343,6 +343,41 @@ impl Keyring {
     }
 }
 
+/// Seals and opens archived WAL files: one key for the archive, the file's
+/// name as associated data, and a keyed digest (HMAC-SHA256) of the raw
+/// content in the file's header, so that the header says nothing of what
+/// the file holds while a second push of the same file is still
+/// recognised.
+pub struct WalCipher {
+    cipher: Aes256Gcm,
+    mac_key: [u8; 32],
+}
+
+impl Keyring {
+    pub fn wal(&self) -> WalCipher {
+        WalCipher { cipher: cipher(&self.subkey("blockstream wal")), mac_key: self.subkey("blockstream wal digests") }
+    }
+}
+
+impl WalCipher {
+    pub fn seal(&self, name: &str, plain: &[u8], out: &mut Vec<u8>) {
+        seal_with(&self.cipher, format!("wal {name}").as_bytes(), plain, out);
+    }
+
+    /// False when the tag does not match (altered, renamed, another key).
+    pub fn open(&self, name: &str, sealed: &[u8], out: &mut Vec<u8>) -> bool {
+        open_with(&self.cipher, format!("wal {name}").as_bytes(), sealed, out)
+    }
+
+    pub fn digest(&self, raw: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut m =
+            <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.mac_key).expect("HMAC takes any key length");
+        m.update(raw);
+        m.finalize().into_bytes().into()
+    }
+}
+
 /// Whether bytes are a sealed object.
 pub fn is_sealed(bytes: &[u8]) -> bool {
     bytes.starts_with(SEALED_MAGIC)

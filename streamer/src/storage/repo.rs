@@ -114,6 +114,11 @@ impl Repo {
         self.keys_json.is_some()
     }
 
+    /// Whether plain objects are accepted in an encrypted repository.
+    pub fn allows_plain(&self) -> bool {
+        self.allow_plain
+    }
+
     /// The repository key, when unlocked.
     pub fn keyring(&self) -> Option<&Keyring> {
         self.keys.as_ref()

@@ -431,9 +431,14 @@ fn encrypted(name: &str, repo: &Path) {
     assert!(err.contains("absent"), "{err}");
     let out = bs_ok(&["verify", "--repo", path(repo), "--passphrase-file", &pass]);
     assert!(out.contains("archive: ok"), "{out}");
+    // The verify log is sealed; with the key, metrics read it back.
+    let store = blockstream::storage::at(repo).unwrap();
+    let log = store.read("verify.jsonl", 1 << 20).unwrap();
+    assert!(holds(&log, b"\"sealed\"") && !holds(&log, b"backup_id"), "{}", String::from_utf8_lossy(&log));
+    let metrics = bs_ok(&["metrics", "--repo", path(repo), "--passphrase-file", &pass]);
+    assert!(metrics.contains("last_verify_success 1"), "{metrics}");
 
     // A flipped bit in an archived segment: verify names it.
-    let store = blockstream::storage::at(repo).unwrap();
     let (seg_key, seg) = objects
         .iter()
         .filter(|(k, _)| k.starts_with("archive/") && k.ends_with(".bsw") && !k.contains(".history"))

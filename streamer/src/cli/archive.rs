@@ -318,7 +318,9 @@ pub fn push_daemon(a: DaemonArgs) -> anyhow::Result<ExitCode> {
             "queue_oldest_secs": if queued == 0 { 0.0 } else { oldest.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0) },
             "push_failures": failures,
         });
-        let _ = repo.store().put(archive::PUSH_STATUS, status.to_string().as_bytes());
+        if let Ok(line) = catalog::line(&repo, archive::PUSH_STATUS, &status) {
+            let _ = repo.store().put(archive::PUSH_STATUS, line.to_string().as_bytes());
+        }
         if failed {
             std::thread::sleep(Duration::from_secs(1));
         } else {

@@ -667,8 +667,7 @@ pub fn facts(repo: &Repo, segment_size: u64) -> Option<Facts> {
     let listing = list(repo, segment_size).ok()?;
     let newest_secs =
         listing.newest_modified.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
-    let status: Option<serde_json::Value> =
-        repo.store().read(PUSH_STATUS, 1 << 20).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let status: Option<serde_json::Value> = crate::catalog::read_log(repo, PUSH_STATUS).pop();
     Some(Facts {
         segments: listing.segments.values().map(|s| s.len() as u64).sum(),
         bytes: listing.bytes,

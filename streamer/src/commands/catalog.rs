@@ -3,6 +3,12 @@
 //! repository keeps (`verify.jsonl`, `drills.jsonl`: one JSON object per
 //! line, appended as one record so concurrent writers never interleave a
 //! line). Read by `info`, `metrics`, `report` and the SQL functions.
+//!
+//! In an encrypted repository every line is `{"sealed": "<hex>"}`: the
+//! record sealed with the logs' key and the log's name as associated data.
+//! Readers skip what they cannot open, and plain lines there (someone
+//! writing "the drill passed" into a repository they cannot read) unless
+//! `--allow-plain`.
 
 use std::collections::HashMap;
 
@@ -18,15 +24,57 @@ pub const VERIFY_LOG: &str = "verify.jsonl";
 /// A log larger than this is read only in part (its newest lines matter).
 const LOG_MAX: u64 = 256 << 20;
 
-/// Appends one JSON line to a repository log, durably.
+const LOG_PURPOSE: &str = "blockstream logs";
+
+/// Appends one JSON line to a repository log, durably (sealed in an
+/// encrypted repository).
 pub fn append_log(repo: &Repo, name: &str, record: &Value) -> Result<()> {
-    repo.store().append(name, format!("{record}\n").as_bytes())
+    let line = line(repo, name, record)?;
+    repo.store().append(name, format!("{line}\n").as_bytes())
+}
+
+/// A record as a line of the object `name`: sealed in an encrypted repository.
+pub fn line(repo: &Repo, name: &str, record: &Value) -> Result<Value> {
+    Ok(match repo.keyring() {
+        Some(k) => {
+            let sealed = k.seal_object(LOG_PURPOSE, name, record.to_string().as_bytes());
+            serde_json::json!({ "sealed": crate::hash::to_hex(&sealed) })
+        }
+        None if repo.is_encrypted() => {
+            return Err(crate::Error::Usage(format!(
+                "repository \"{}\" is encrypted and no key was given",
+                repo.location()
+            )))
+        }
+        None => record.clone(),
+    })
 }
 
 /// Every well-formed line of a repository log, oldest first (none when absent).
 pub fn read_log(repo: &Repo, name: &str) -> Vec<Value> {
     let bytes = repo.store().read(name, LOG_MAX).unwrap_or_default();
-    String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| match (v["sealed"].as_str(), repo.keyring()) {
+            (Some(hex), Some(k)) => {
+                let sealed = from_hex(hex)?;
+                let plain = k.open_object(LOG_PURPOSE, name, &sealed, name).ok()?;
+                serde_json::from_slice(&plain).ok()
+            }
+            (Some(_), None) => None,
+            (None, _) if repo.is_encrypted() && !repo.allows_plain() => None,
+            (None, _) => Some(v),
+        })
+        .collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 1 << 20 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    s.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 /// The newest entry of a log for each backup id.

@@ -16,6 +16,9 @@ pub static SUMMARY_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// Directories (comma-separated) that repositories named in SQL must lie under;
 /// empty allows none. Superuser-only.
 pub static ALLOWED_REPOSITORIES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// The key of encrypted repositories: a passphrase file, or a raw key file.
+pub static PASSPHRASE_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// The persistent physical replication slot that holds WAL until it is summarized.
 pub static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"pg_blocktrack"));
 
@@ -67,6 +70,22 @@ pub fn register() {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
+        c"blocktrack.passphrase_file",
+        c"File holding the passphrase of encrypted repositories (mode 0600, owned by the server's user).",
+        c"Superuser-only; the passphrase itself never appears in SQL.",
+        &PASSPHRASE_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"blocktrack.key_file",
+        c"File holding the raw 32-byte key of encrypted repositories (mode 0600), instead of a passphrase.",
+        c"Superuser-only.",
+        &KEY_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
         c"blocktrack.slot_name",
         c"Name of the physical replication slot that holds WAL until it is summarized.",
         c"",
@@ -78,6 +97,15 @@ pub fn register() {
 
 pub fn slot_name() -> String {
     SLOT_NAME.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_else(|| "pg_blocktrack".into())
+}
+
+fn text(g: &GucSetting<Option<CString>>) -> String {
+    g.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// (passphrase file, key file), empty when unset.
+pub fn key_files() -> (String, String) {
+    (text(&PASSPHRASE_FILE), text(&KEY_FILE))
 }
 
 pub fn allowed_repositories() -> String {

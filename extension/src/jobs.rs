@@ -283,8 +283,7 @@ fn run_backup_job(slot: usize, req: &Slot) -> Result<String, String> {
         repo: blockstream::storage::at(std::path::Path::new(&jobs::get(&req.repo))).map_err(|e| e.to_string())?,
         jobs: req.jobs as usize,
         copy: CopyConfig { compression, ..CopyConfig::default() },
-        // Encrypted repositories are not open to SQL yet (no key source).
-        encryption: Default::default(),
+        encryption: paths::key_from(req.key_kind, &jobs::get(&req.key_file)).map_err(|e| e.to_string())?,
         label: Some("blocktrack.run_backup".into()),
         fast: true,
         mode: match req.mode {
@@ -354,6 +353,11 @@ pub fn run(repo: Option<&str>, kind: &str, jobs_n: i32, compress: &str, wait: bo
     if root_s.len() >= 1024 {
         raise(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, format!("repository path \"{root_s}\" is too long"), None);
     }
+    // The key setting of this session, read here (the worker sees only the server's settings).
+    let (key_kind, key_path) = paths::key_setting();
+    if key_path.len() >= 1024 {
+        raise(PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, format!("key file path \"{key_path}\" is too long"), None);
+    }
     // SAFETY: plain reads of this backend's identity.
     let (me, dboid, roleoid) = unsafe { (pg_sys::MyProcPid, pg_sys::MyDatabaseId, pg_sys::GetUserId()) };
     let slot = jobs::claim(|s| {
@@ -367,6 +371,8 @@ pub fn run(repo: Option<&str>, kind: &str, jobs_n: i32, compress: &str, wait: bo
         s.jobs = jobs_n as u32;
         jobs::put(&mut s.compress, compress);
         jobs::put(&mut s.repo, &root_s);
+        s.key_kind = key_kind;
+        jobs::put(&mut s.key_file, &key_path);
         jobs::put(&mut s.phase, "starting");
     })
     .unwrap_or_else(|| {

@@ -119,3 +119,50 @@ pub fn check_repository(repo: Option<&str>, access: Access) -> PathBuf {
     }
     canonical
 }
+
+/// The key source the settings name: (kind, path), kind 0 none, 1 a
+/// passphrase file, 2 a key file (`blocktrack.key_file` wins).
+pub fn key_setting() -> (u8, String) {
+    let (pass, key) = guc::key_files();
+    if !key.is_empty() {
+        (2, key)
+    } else if !pass.is_empty() {
+        (1, pass)
+    } else {
+        (0, String::new())
+    }
+}
+
+/// Reads the key a setting names (from the backend or a worker).
+pub fn key_from(kind: u8, path: &str) -> blockstream::Result<blockstream::crypt::Encryption> {
+    use blockstream::crypt::KeySource;
+    let key = match kind {
+        1 => Some(KeySource::passphrase_file(std::path::Path::new(path))?),
+        2 => Some(KeySource::key_file(std::path::Path::new(path))?),
+        _ => None,
+    };
+    Ok(blockstream::crypt::Encryption { key, allow_plain: false })
+}
+
+/// The key of encrypted repositories from `blocktrack.passphrase_file` or
+/// `blocktrack.key_file`; a file that cannot be used is 28000.
+pub fn encryption() -> blockstream::crypt::Encryption {
+    let (kind, path) = key_setting();
+    key_from(kind, &path).unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            e.to_string(),
+            Some("blocktrack.passphrase_file or blocktrack.key_file names the key of encrypted repositories"),
+        )
+    })
+}
+
+/// Opens the repository at `root` and unlocks it with `enc`.
+pub fn open_repo(
+    root: &std::path::Path,
+    enc: &blockstream::crypt::Encryption,
+) -> blockstream::Result<blockstream::repo::Repo> {
+    let mut repo = blockstream::repo::Repo::open(root)?;
+    repo.unlock(enc.key.as_ref(), enc.allow_plain)?;
+    Ok(repo)
+}

@@ -44,6 +44,9 @@ pub struct Slot {
     pub jobs: u32,
     pub compress: [u8; 32],
     pub repo: [u8; 1024],
+    /// The key of an encrypted repository: 0 none, 1 a passphrase file, 2 a key file.
+    pub key_kind: u8,
+    pub key_file: [u8; 1024],
     pub backup_id: [u8; 24],
     pub phase: [u8; 16],
     pub bytes_done: u64,
@@ -72,6 +75,8 @@ impl Default for Slot {
             jobs: 0,
             compress: [0; 32],
             repo: [0; 1024],
+            key_kind: 0,
+            key_file: [0; 1024],
             backup_id: [0; 24],
             phase: [0; 16],
             bytes_done: 0,

@@ -14,7 +14,8 @@ use crate::errors::raise;
 use crate::paths::{self, Access};
 
 fn open(root: &std::path::Path) -> Repo {
-    Repo::open(root).unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, e.to_string(), None))
+    paths::open_repo(root, &paths::encryption())
+        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, e.to_string(), None))
 }
 
 fn now() -> u64 {
@@ -24,8 +25,9 @@ fn now() -> u64 {
 /// The catalog of the repository at `repo`.
 pub fn backups(repo: Option<&str>) -> Vec<BackupRow> {
     let root = paths::check_repository(repo, Access::Read);
+    let enc = paths::encryption();
     let r = engine::run(move |_| {
-        let repo = Repo::open(&root)?;
+        let repo = paths::open_repo(&root, &enc)?;
         catalog::list(&repo)
     });
     r.unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, e.to_string(), None))
@@ -40,8 +42,9 @@ pub fn metrics(repo: Option<&str>) -> Vec<Sample> {
     };
     let failed =
         Spi::get_one::<i64>("SELECT failed_count FROM pg_stat_archiver").ok().flatten().map(|n| n.max(0) as u64);
+    let enc = paths::encryption();
     let r = engine::run(move |_| {
-        let repo = Repo::open(&root)?;
+        let repo = paths::open_repo(&root, &enc)?;
         let rows = catalog::list(&repo)?;
         let seg =
             rows.last().and_then(|r| repo.load_manifest(&r.backup_id).ok()).map_or(16 << 20, |m| m.wal_segment_size);
@@ -63,8 +66,9 @@ pub fn expire(repo: Option<&str>, policy: Policy, dry_run: bool) -> Vec<(Decisio
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None);
     }
     let _ = open(&root);
+    let enc = paths::encryption();
     let r = engine::run(move |_| {
-        let repo = Repo::open(&root)?;
+        let repo = paths::open_repo(&root, &enc)?;
         let lock = if dry_run { None } else { Some(repo.lock()?) };
         if let Some(l) = &lock {
             repo.remove_incomplete(l)?;
@@ -104,8 +108,9 @@ pub fn verify(repo: Option<&str>, backup_id: Option<&str>) -> Vec<(String, bool,
             .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None))],
     };
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
+    let enc = paths::encryption();
     engine::run(move |progress| {
-        let repo = Repo::open(&root).expect("opened above");
+        let repo = paths::open_repo(&root, &enc).expect("opened above");
         ids.iter()
             .map(|id| {
                 let check = verify_backup(&repo, id, jobs, progress);

@@ -2,7 +2,6 @@
 //! `blockstream verify`, run inside the server so a pg_cron job can prove a
 //! backup restores; and PostgreSQL's own page checksum, to cross-check ours.
 
-use blockstream::repo::Repo;
 use blockstream::verify::{verify_backup, CHECKS};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -56,8 +55,9 @@ pub fn validate(repo: Option<&str>, backup_id: Option<&str>) -> Vec<(String, boo
     let Some(backup_id) = backup_id else {
         raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "backup_id must not be NULL", None);
     };
-    let repository =
-        Repo::open(&root).unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, e.to_string(), None));
+    let enc = crate::paths::encryption();
+    let repository = crate::paths::open_repo(&root, &enc)
+        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_FILE, e.to_string(), None));
     let id = repository
         .resolve(backup_id)
         .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.to_string(), None));
@@ -66,7 +66,7 @@ pub fn validate(repo: Option<&str>, backup_id: Option<&str>) -> Vec<(String, boo
         let id = id.clone();
         let root = root.clone();
         engine::run(move |progress| {
-            let repository = Repo::open(&root).expect("opened above");
+            let repository = crate::paths::open_repo(&root, &enc).expect("opened above");
             let sysid = repository.load_manifest(&id).ok().map(|m| m.system_identifier);
             (verify_backup(&repository, &id, jobs, progress), sysid)
         })

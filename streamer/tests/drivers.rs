@@ -485,3 +485,62 @@ fn encrypted_on_s3() {
     }
     encrypted("drivers-enc-s3", &s3_repo("encrypted"));
 }
+
+/// SQL on an encrypted repository: the key comes from a superuser-only
+/// setting naming a file; run_backup encrypts from the first backup on,
+/// the catalog, validate_backup and run_verify open it, and without the
+/// setting the repository is refused with the reason.
+#[test]
+fn sql_functions_on_an_encrypted_repository() {
+    let base = scratch("drivers-sql-enc");
+    let repo = base.join("repo");
+    let pass = base.join("pass");
+    std::fs::write(&pass, "sql passphrase\n").unwrap();
+    std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    chown_postgres(&pass);
+    let c = Cluster::init("source", &base);
+    c.append_conf(&format!(
+        "blocktrack.allowed_repositories = '{}'\nblocktrack.passphrase_file = '{}'\n",
+        base.display(),
+        pass.display()
+    ));
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    c.pgbench_init(2);
+    let r = path(&repo);
+    let full = c.sql("postgres", &format!("SELECT blocktrack.run_backup('{r}', 'full')"));
+    run_ok(Command::new(pg_bin("pgbench")).args(c.conn()).args(["-n", "-t", "200", "postgres"]));
+    let incr = c.sql("postgres", &format!("SELECT blocktrack.run_backup('{r}', 'incr')"));
+    let expected = c.dumpall();
+    assert!(repo.join("keys.json").exists(), "run_backup encrypted the repository");
+    assert_eq!(
+        c.sql(
+            "postgres",
+            &format!("SELECT string_agg(backup_id, ',' ORDER BY backup_id) FROM blocktrack.backups('{r}')")
+        ),
+        format!("{full},{incr}")
+    );
+    assert_eq!(c.sql("postgres", &format!("SELECT count(*) FROM blocktrack.validate_backup('{r}') WHERE NOT ok")), "0");
+    assert_eq!(c.sql("postgres", &format!("SELECT count(*) FROM blocktrack.run_verify('{r}') WHERE ok")), "2");
+    // Without the setting: refused, saying why.
+    let err = c
+        .try_sql("postgres", &format!("SET blocktrack.passphrase_file = ''; SELECT * FROM blocktrack.backups('{r}')"))
+        .unwrap_err();
+    assert!(err.contains("is encrypted"), "{err}");
+    // Only a superuser names the key file.
+    c.sql("postgres", "CREATE ROLE grantee LOGIN");
+    let err = run(Command::new(pg_bin("psql")).args(c.conn()).args([
+        "-U",
+        "grantee",
+        "-d",
+        "postgres",
+        "-XAtqc",
+        "SET blocktrack.passphrase_file = '/tmp/x'",
+    ]));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("permission denied"), "{err:?}");
+    c.stop();
+    let pass_s = pass.display().to_string();
+    let restored = restore_and_start("restored", &repo, &base, 2, &["--passphrase-file", &pass_s]);
+    assert_same_dump(&expected, &restored.dumpall(), "restore of what run_backup encrypted");
+    restored.stop();
+}

@@ -35,8 +35,8 @@ from bench import BS, PG_BIN, ROOT, du, fresh_dir, psql, sh, timed, wait_promote
 
 BASE = Path("/tmp/blockstream-s3bench")
 GARAGE_DIR = Path("/tmp/blockstream-garage")
-PORT = 5490
-RPORT = 5491
+PORT = 5510
+RPORT = 5511
 TLS_PORT = 3443
 
 

@@ -227,6 +227,18 @@ fn encrypted_repositories_hide_everything_and_name_every_tampering() {
     let err = restore(&store, &target, owner, &Encryption::default()).unwrap_err().to_string();
     assert!(err.contains("is encrypted: give its passphrase"), "{err}");
     assert!(!target.exists());
+    // A flipped bit in a chunk of the chain: refused before anything is written.
+    let skey = format!("backups/{}/stream-00.bsz", incr.backup_id);
+    let good = mem.get(&skey).unwrap();
+    let mut bad = good.clone();
+    let at = incr.streams[0].chunks[0].offset as usize + 9;
+    bad[at] ^= 0x80;
+    mem.replace(&skey, bad);
+    let err = restore(&store, &target, owner, &new).unwrap_err().to_string();
+    assert!(err.contains("is damaged"), "{err}");
+    assert!(!target.join("global/pg_control").exists(), "nothing written from a damaged chain");
+    mem.replace(&skey, good);
+    let _ = std::fs::remove_dir_all(&target);
     restore(&store, &target, owner, &new).unwrap();
     for rel in ["base/5/16384", "base/5/16399", "PG_VERSION", "global/pg_control", "pg_xact/0000"] {
         assert_eq!(std::fs::read(c.data.join(rel)).unwrap(), std::fs::read(target.join(rel)).unwrap(), "{rel}");

@@ -598,13 +598,19 @@ fn archived_wal_file() {
     let wal: Vec<u8> = (0..65_536u32).map(|i| if i % 512 < 40 { (i * 31) as u8 } else { 0 }).collect();
     let seed = archive::encode("000000010000000000000003", 42, &wal, Compression::Zstd { level: 3 }).unwrap();
     assert_eq!(archive::decode(&seed, &"seed", None).unwrap().1, wal);
+    // The same file sealed (an encrypted repository): decoded with the key.
+    let (ring, _) = blockstream::crypt::Keyring::create(&blockstream::crypt::KeySource::Raw([6; 32])).unwrap();
+    let sealed_seed =
+        archive::encode_with("000000010000000000000003", 42, &wal, Compression::Zstd { level: 3 }, 1, Some(&ring))
+            .unwrap();
+    assert_eq!(archive::decode(&sealed_seed, &"seed", Some(&ring)).unwrap().1, wal);
     let history = b"1\t0/3000060\tno recovery target specified\n2\t0/5000100\tat restore point \"a\"\n";
     let mut r = rng(6);
     run(
         "archived WAL file",
         iterations(),
-        |_| {
-            let mut b = mutate(&mut r, &seed);
+        |i| {
+            let mut b = mutate(&mut r, if i % 2 == 0 { &seed } else { &sealed_seed });
             if b.len() >= 128 && r.chance(2) {
                 if r.chance(2) {
                     // A header that claims another raw length, up to past the largest segment.
@@ -621,6 +627,12 @@ fn archived_wal_file() {
         |len| (limits::CHUNK_RAW as usize + 64).max(64 * len),
         |b| {
             let _ = archive::decode(b, &"fuzz", None);
+            if archive::decode(b, &"fuzz", Some(&ring)).is_ok()
+                && b.len() == sealed_seed.len()
+                && b[128..] != sealed_seed[128..]
+            {
+                panic!("an altered sealed WAL file authenticated");
+            }
             let _ = archive::parse_history(&String::from_utf8_lossy(b));
         },
     );

@@ -1054,10 +1054,25 @@ impl Store for S3Store {
             .filter_map(|(k, _, _)| k.strip_prefix(&self.inner.prefix).map(str::to_string))
             .collect();
         keys.sort_by_key(|k| (!k.ends_with("/manifest.json"), k.clone()));
-        for key in keys {
-            self.inner.delete(&key)?;
+        for key in &keys {
+            self.inner.delete(key)?;
         }
-        Ok(())
+        // Some stores (Garage) list a removed prefix for a moment after its
+        // last object is gone; wait until the parent's listing no longer
+        // shows it, so that a caller listing next (expire, then info) sees
+        // the removal.
+        let (parent, name) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        for _ in 0..100 {
+            if self.list(parent)?.iter().all(|e| e.name != name) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(Error::Conflict(format!(
+            "\"{}\" is still listed 10 s after its {} objects were removed",
+            self.inner.describe(prefix),
+            keys.len()
+        )))
     }
 
     fn lock(&self) -> Result<Box<dyn StoreLock>> {

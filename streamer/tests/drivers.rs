@@ -544,3 +544,101 @@ fn sql_functions_on_an_encrypted_repository() {
     assert_same_dump(&expected, &restored.dumpall(), "restore of what run_backup encrypted");
     restored.stop();
 }
+
+/// Kills the TLS front when the test ends.
+struct Proxy(std::process::Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A store behind a private certificate authority: https with
+/// `AWS_CA_BUNDLE` works end to end; without it the certificate is refused
+/// at once (no retries), naming the problem.
+#[test]
+fn s3_over_tls_with_a_private_ca() {
+    if !garage() {
+        return;
+    }
+    let base = scratch("drivers-tls");
+    // A private CA, and the store's certificate signed by it.
+    let (ca, ca_key) = (base.join("ca.pem"), base.join("ca.key"));
+    let (cert, key, csr, ext) =
+        (base.join("srv.pem"), base.join("srv.key"), base.join("srv.csr"), base.join("srv.ext"));
+    run_ok(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]).args([
+        "-subj",
+        "/CN=blockstream test CA",
+        "-keyout",
+        path(&ca_key),
+        "-out",
+        path(&ca),
+    ]));
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    run_ok(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]).args([
+        "-keyout",
+        path(&key),
+        "-out",
+        path(&csr),
+    ]));
+    run_ok(Command::new("openssl").args(["x509", "-req", "-days", "1", "-CAcreateserial"]).args([
+        "-in",
+        path(&csr),
+        "-CA",
+        path(&ca),
+        "-CAkey",
+        path(&ca_key),
+        "-extfile",
+        path(&ext),
+        "-out",
+        path(&cert),
+    ]));
+    let port = 3444;
+    let _proxy = Proxy(
+        Command::new("python3")
+            .arg(workspace().join("bench/tls_proxy.py"))
+            .args([&port.to_string(), "127.0.0.1:3900", path(&cert), path(&key)])
+            .spawn()
+            .unwrap(),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "the TLS front did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let repo = s3_repo("tls");
+    let endpoint = format!("https://127.0.0.1:{port}");
+
+    // Without the CA: refused, quickly, saying why.
+    let t = Instant::now();
+    let out = run(blockstream().args(["info", "--repo", path(&repo)]).env("AWS_ENDPOINT_URL", &endpoint));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "a certificate error is not retried: {:?}", t.elapsed());
+
+    // With it: a backup and its verification over https.
+    let c = Cluster::init("source", &base);
+    c.start();
+    c.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), c.data.display().to_string()];
+    args.extend(c.conn());
+    args.extend(["--repo", path(&repo), "--output", "json"].map(String::from));
+    let tls = |cmd: &mut Command| {
+        cmd.env("AWS_ENDPOINT_URL", &endpoint).env("AWS_CA_BUNDLE", &ca);
+    };
+    let mut b = blockstream();
+    b.args(&args);
+    tls(&mut b);
+    let out = run(&mut b);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut v = blockstream();
+    v.args(["verify", "--repo", path(&repo)]);
+    tls(&mut v);
+    let out = run(&mut v);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
+    c.stop();
+}

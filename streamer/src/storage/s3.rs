@@ -43,7 +43,9 @@
 //! `~/.aws/credentials` and `~/.aws/config` (or `AWS_SHARED_CREDENTIALS_FILE`
 //! and `AWS_CONFIG_FILE`), with the keys `aws_access_key_id`,
 //! `aws_secret_access_key`, `aws_session_token`, `region`, `endpoint_url`
-//! and `addressing_style`.
+//! and `addressing_style`. `AWS_CA_BUNDLE` (or `ca_bundle`) names a PEM
+//! file of the certificate authorities to trust instead of the usual web
+//! roots, for a store behind a private CA.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -109,6 +111,8 @@ pub struct S3Config {
     pub attempts: u32,
     /// Lease of the lock object.
     pub lock_lease: Duration,
+    /// PEM file of the certificate authorities to trust (else the web roots).
+    pub ca_bundle: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -212,6 +216,7 @@ impl S3Config {
             session_token: pick(&["AWS_SESSION_TOKEN"], "aws_session_token"),
             attempts,
             lock_lease: Duration::from_secs(lease),
+            ca_bundle: pick(&["AWS_CA_BUNDLE"], "ca_bundle").map(PathBuf::from),
         })
     }
 }
@@ -266,6 +271,12 @@ fn error_text(status: u16, body: &str) -> String {
     }
 }
 
+fn permanent(e: &ureq::Error) -> bool {
+    use ureq::Error as E;
+    matches!(e, E::Tls(_) | E::Rustls(_) | E::Pem(_) | E::BadUri(_) | E::RequireHttpsOnly(_) | E::TlsRequired)
+        || e.to_string().contains("certificate")
+}
+
 fn retryable(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
 }
@@ -283,7 +294,26 @@ impl S3Store {
             Some(t) => Credentials::new_with_token(&config.access_key_id, &config.secret_access_key, t),
             None => Credentials::new(&config.access_key_id, &config.secret_access_key),
         };
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = &config.ca_bundle {
+            let pem = std::fs::read(path).map_err(Error::io("read the CA bundle", path))?;
+            let mut certs = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(Error::Usage(format!("CA bundle \"{}\" does not parse: {e}", path.display())))
+                    }
+                }
+            }
+            if certs.is_empty() {
+                return Err(Error::Usage(format!("CA bundle \"{}\" holds no certificate", path.display())));
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
@@ -367,9 +397,13 @@ impl Inner {
                     r.send(body)
                 }
             };
-            let last = attempt >= self.attempts;
+            let mut last = attempt >= self.attempts;
             let err: std::io::Error = match sent {
-                Err(e) => std::io::Error::other(e.to_string()),
+                Err(e) => {
+                    // A certificate the client does not trust, a bad URL: no retry helps.
+                    last |= permanent(&e);
+                    std::io::Error::other(e.to_string())
+                }
                 Ok(mut resp) => {
                     let status = resp.status().as_u16();
                     if ok.contains(&status) {

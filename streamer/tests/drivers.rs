@@ -41,19 +41,6 @@ fn backup_ids(repo: &Path) -> Vec<String> {
     info(repo)["backups"].as_array().unwrap().iter().map(|b| b["backup_id"].as_str().unwrap().to_string()).collect()
 }
 
-fn switch_and_wait(c: &Cluster) {
-    let name = c.sql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
-    let until = Instant::now() + Duration::from_secs(90);
-    loop {
-        let last = c.sql("postgres", "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-        if last.as_str() >= name.as_str() && !last.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < until, "{name} was not archived (last archived: {last:?})");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The whole life of a repository, the same on every driver; `push` adds
 /// options to archive-push (S3 pushes asynchronously through a local spool).
 fn lifecycle(name: &str, repo: &Path, push: &str) {

@@ -40,21 +40,6 @@ fn archived_cluster(base: &Path, repo: &Path, extra: &str) -> Cluster {
     c
 }
 
-/// Switches to a new WAL segment and waits until the archiver has archived
-/// the one it closed.
-fn switch_and_wait(c: &Cluster) {
-    let name = c.sql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
-    let until = Instant::now() + Duration::from_secs(90);
-    loop {
-        let last = c.sql("postgres", "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-        if last.as_str() >= name.as_str() && !last.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < until, "{name} was not archived (last archived: {last:?})");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A digest of everything the tests change.
 const DIGEST: &str =
     "SELECT md5(coalesce((SELECT string_agg(aid || ':' || abalance, ',' ORDER BY aid) FROM pgbench_accounts), '') \

@@ -58,7 +58,7 @@ pub fn read_log(repo: &Repo, name: &str) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| match (v["sealed"].as_str(), repo.keyring()) {
             (Some(hex), Some(k)) => {
-                let sealed = from_hex(hex)?;
+                let sealed = crate::hash::from_hex(hex, 1 << 19)?;
                 let plain = k.open_object(LOG_PURPOSE, name, &sealed, name).ok()?;
                 serde_json::from_slice(&plain).ok()
             }
@@ -67,14 +67,6 @@ pub fn read_log(repo: &Repo, name: &str) -> Vec<Value> {
             (None, _) => Some(v),
         })
         .collect()
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 1 << 20 {
-        return None;
-    }
-    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    s.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
 }
 
 /// The newest entry of a log for each backup id.

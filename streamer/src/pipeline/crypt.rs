@@ -134,18 +134,8 @@ fn random<const N: usize>() -> [u8; N] {
 }
 
 fn from_hex(s: &str, what: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 256 {
-        return Err(Error::Corrupt(format!("{what} is not a hex string of at most 128 bytes")));
-    }
-    // Byte-wise: a string from disk may hold anything, not only ASCII.
-    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    s.as_bytes()
-        .chunks(2)
-        .map(|p| match (digit(p[0]), digit(p[1])) {
-            (Some(h), Some(l)) => Ok(h << 4 | l),
-            _ => Err(Error::Corrupt(format!("{what} is not hex"))),
-        })
-        .collect()
+    crate::hash::from_hex(s, 128)
+        .ok_or_else(|| Error::Corrupt(format!("{what} is not a hex string of at most 128 bytes")))
 }
 
 /// Seals `plain` under `key` with `aad`: nonce || ciphertext || tag.

@@ -24,6 +24,16 @@ pub fn to_hex(d: &[u8]) -> String {
     s
 }
 
+/// The bytes of a hex string of at most `max` bytes; None for anything
+/// else. Byte-wise: a string from disk may hold anything, not only ASCII.
+pub fn from_hex(s: &str, max: usize) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * max {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    s.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
+}
+
 /// The digest of a file from the digests of its pieces, in order.
 pub fn file_digest(pieces: &[Digest]) -> Digest {
     let mut h = Sha256::new();

@@ -234,10 +234,16 @@ impl Compressor {
     pub fn new(c: Compression) -> Result<Self> {
         let zstd = match c {
             Compression::None => None,
-            Compression::Zstd { level } => Some(
-                zstd::bulk::Compressor::new(level)
-                    .map_err(|e| Error::Usage(format!("could not set up zstd level {level}: {e}")))?,
-            ),
+            Compression::Zstd { level } => {
+                let mut z = zstd::bulk::Compressor::new(level)
+                    .map_err(|e| Error::Usage(format!("could not set up zstd level {level}: {e}")))?;
+                // Every frame carries the XXH64 of its content, which the
+                // decompressor checks: a decoding fault is caught without
+                // re-hashing restored bytes with SHA-256.
+                z.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                    .map_err(|e| Error::Usage(format!("could not enable zstd frame checksums: {e}")))?;
+                Some(z)
+            }
         };
         Ok(Compressor { zstd })
     }
@@ -329,6 +335,23 @@ mod tests {
         for bad in ["gzip", "zstd:", "zstd:x", "zstd:99", "none:1", "zstd:0"] {
             assert!(bad.parse::<Compression>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn frames_carry_a_content_checksum_that_decoding_checks() {
+        let raw: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let stack = filters_for(Compression::Zstd { level: 3 });
+        let mut stored = Vec::new();
+        ChunkEncoder::new(&stack, None).unwrap().encode(&raw, &mut stored, "s", 1).unwrap();
+        // Frame header descriptor: bit 2 is the content checksum flag.
+        assert_eq!(&stored[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+        assert_ne!(stored[4] & 0x04, 0, "content checksum flag set");
+        let n = stored.len();
+        stored[n - 1] ^= 0x40;
+        let mut out = Vec::new();
+        let err = ChunkDecoder::new(&stack, None).unwrap().decode(&stored, raw.len(), &mut out, "s", 1, &"chunk 1");
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("chunk 1 does not decompress") && err.contains("checksum"), "{err}");
     }
 
     #[test]

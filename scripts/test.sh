@@ -54,6 +54,9 @@ bash scripts/garage.sh stop
 step "incremental backup tests (real clusters)"
 cargo test --release -p blockstream --test incremental -- --test-threads=1
 
+step "restore modes (--delta over a diverged data directory, killed and rerun; --db-include)"
+cargo test --release -p blockstream --test restore_modes -- --test-threads=1
+
 step "validation tests (checksums, verify, validate_backup, drill)"
 cargo test --release -p blockstream --test validation -- --test-threads=1
 

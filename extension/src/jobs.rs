@@ -284,6 +284,7 @@ fn run_backup_job(slot: usize, req: &Slot) -> Result<String, String> {
         jobs: req.jobs as usize,
         copy: CopyConfig { compression, ..CopyConfig::default() },
         encryption: paths::key_from(req.key_kind, &jobs::get(&req.key_file)).map_err(|e| e.to_string())?,
+        merge_of: None,
         label: Some("blocktrack.run_backup".into()),
         fast: true,
         mode: match req.mode {

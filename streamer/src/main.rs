@@ -18,6 +18,13 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            // An engine error about a flag's value is bad input, like a bad flag.
+            if let Some(blockstream::Error::Usage(msg)) = e.downcast_ref::<blockstream::Error>() {
+                if msg.starts_with("--") {
+                    eprintln!("blockstream: error: {msg}\n\n{}", cli::usage_line());
+                    return ExitCode::from(2);
+                }
+            }
             // The chain of causes, each once: the engine's I/O errors already
             // end with the system error they wrap.
             let mut msg = e.to_string();

@@ -51,6 +51,7 @@ fn backup(
         verify_checksums: false,
         allow_checksum_failures: false,
         encryption: enc.clone(),
+        merge_of: None,
     };
     run_backup(&opts, &mut c.session(), &Progress::default())
 }
@@ -69,6 +70,9 @@ fn restore(store: &SharedStore, target: &Path, owner: Option<&str>, enc: &Encryp
         target_action: None,
         target_timeline: None,
         encryption: enc.clone(),
+        delta: false,
+        check: Default::default(),
+        db_include: Vec::new(),
     };
     run_restore(&opts, &Progress::default()).map(|_| ())
 }

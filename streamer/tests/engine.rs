@@ -34,6 +34,7 @@ fn options(data: &Path, repo: &Path, mode: BackupMode, jobs: usize) -> BackupOpt
         verify_checksums: false,
         allow_checksum_failures: false,
         encryption: Default::default(),
+        merge_of: None,
     }
 }
 

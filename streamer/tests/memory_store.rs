@@ -37,6 +37,7 @@ fn backup(c: &mut FakeCluster, store: &SharedStore, mode: BackupMode) -> blockst
         verify_checksums: false,
         allow_checksum_failures: false,
         encryption: Default::default(),
+        merge_of: None,
     };
     run_backup(&opts, &mut c.session(), &Progress::default()).unwrap()
 }
@@ -55,6 +56,9 @@ fn restore(store: &SharedStore, target: &Path, owner: Option<&str>) -> blockstre
         target_action: None,
         target_timeline: None,
         encryption: Default::default(),
+        delta: false,
+        check: Default::default(),
+        db_include: Vec::new(),
     };
     run_restore(&opts, &Progress::default()).map(|_| ())
 }

@@ -52,6 +52,8 @@ pub enum Command {
     Report(ReportArgs),
     /// Remove what killed writers left: unfinished backups and incomplete multipart uploads
     Cleanup(CleanupArgs),
+    /// Build a full backup from a chain inside the repository, without the server (incremental forever)
+    Merge(MergeArgs),
     /// The repository key of an encrypted repository
     #[command(subcommand)]
     Key(KeyCommand),
@@ -253,6 +255,15 @@ pub struct RestoreArgs {
     /// Replace the contents of a non-empty target directory (never one a server uses)
     #[arg(long)]
     pub force: bool,
+    /// Restore over an existing data directory: rewrite only the blocks that differ, remove what the backup lacks
+    #[arg(long, conflicts_with = "force")]
+    pub delta: bool,
+    /// Also recompute every restored file's SHA-256 digest (verify and drill always do)
+    #[arg(long)]
+    pub check_digests: bool,
+    /// Restore only this database (repeatable) with postgres, template0 and template1; the others' relation files are left as zeros, to be dropped
+    #[arg(long = "db-include", value_name = "NAME")]
+    pub db_include: Vec<String>,
     /// Run as root: write as this user (default: the target's owner, else the backup's data-directory owner)
     #[arg(long, value_name = "USER")]
     pub owner: Option<String>,
@@ -419,6 +430,30 @@ pub struct CleanupArgs {
     /// Say what would be removed, remove nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Repository directory or s3://bucket/prefix
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// The last backup of the chain to merge: an id or "latest"
+    #[arg(long, value_name = "ID", default_value = "latest")]
+    pub backup: String,
+    /// Parallel threads
+    #[arg(short = 'j', long = "jobs", value_name = "N", value_parser = jobs_parser(), default_value_t = default_jobs())]
+    pub jobs: usize,
+    /// Where the chain is restored while it is merged (needs room for the cluster); default $TMPDIR or /tmp
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
+    /// Show progress
+    #[arg(short = 'P', long = "progress")]
+    pub progress: bool,
     /// Output format
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,

@@ -10,12 +10,12 @@ use blockstream::manifest::Manifest;
 use blockstream::progress::Progress;
 use blockstream::repo::Repo;
 use blockstream::restore::{run_restore, RecoveryTarget, RestoreOptions};
-use blockstream::verify::verify_backup;
+use blockstream::verify::{verify_backup, PieceCheck};
 use serde_json::json;
 
 use super::args::{
     BackupArgs, BackupKind, Checkpoint, CleanupArgs, Cli, Command, ExpireArgs, InfoArgs, KeyCommand, KeyRotateArgs,
-    MetricsArgs, Output, ReportArgs, RestoreArgs, RetentionArgs, VerifyArgs,
+    MergeArgs, MetricsArgs, Output, ReportArgs, RestoreArgs, RetentionArgs, VerifyArgs,
 };
 use super::output::{mib, with_progress};
 use super::session::PgSession;
@@ -35,6 +35,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ArchiveGetDaemon(a) => super::archive::get_daemon(a),
         Command::Metrics(a) => metrics(a),
         Command::Expire(a) => expire(a),
+        Command::Merge(a) => merge(a),
         Command::Report(a) => report(a),
         Command::Cleanup(a) => cleanup(a),
         Command::Key(KeyCommand::Rotate(a)) => key_rotate(a),
@@ -99,6 +100,7 @@ fn backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         verify_checksums: !a.no_verify_checksums,
         allow_checksum_failures: a.allow_checksum_failures,
         encryption,
+        merge_of: None,
     };
     let progress = std::sync::Arc::new(Progress::default());
     let reporter = session.report("backup", opts.repo.location(), progress.clone());
@@ -267,6 +269,9 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         target_action: Some(a.target_action.clone()),
         target_timeline: a.target_timeline.clone(),
         encryption: super::encryption(&a.keys)?,
+        delta: a.delta,
+        check: if a.check_digests { PieceCheck::Digest } else { PieceCheck::Coverage },
+        db_include: a.db_include.clone(),
     };
     let progress = Progress::default();
     let r = with_progress(progress_on(a.progress, a.output), &progress, || run_restore(&opts, &progress))?;
@@ -291,6 +296,20 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
                 r.jobs,
                 r.throughput_mib_s
             );
+            if !r.databases_excluded.is_empty() {
+                println!(
+                    "  not restored (their files are zeros): {}; drop them once the server is up: DROP DATABASE name",
+                    r.databases_excluded.join(", ")
+                );
+            }
+            if r.delta {
+                println!(
+                    "  delta: {} written, {} files unchanged, {} entries removed",
+                    mib(r.bytes_written),
+                    r.files_unchanged,
+                    r.removed
+                );
+            }
             println!(
                 "  {:.2} s checking chunks, {:.2} s creating files, {:.2} s writing, {:.2} s syncing",
                 r.verify_secs, r.layout_secs, r.write_secs, r.sync_secs
@@ -640,6 +659,38 @@ fn cleanup(a: CleanupArgs) -> anyhow::Result<ExitCode> {
                     repo.describe(&format!("backups/{f}"))
                 );
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
+    let encryption = super::encryption(&a.keys)?;
+    let repo = super::open_repo(&a.repo, &a.keys)?;
+    become_repo_owner(&repo)?;
+    let opts = blockstream::merge::MergeOptions {
+        repo: blockstream::storage::at(&super::repo_arg(&a.repo))?,
+        backup: a.backup.clone(),
+        jobs: a.jobs,
+        scratch: absolute(&a.scratch.clone().unwrap_or_else(std::env::temp_dir)),
+        encryption,
+    };
+    let progress = Progress::default();
+    let r = with_progress(progress_on(a.progress, a.output), &progress, || {
+        blockstream::merge::run_merge(&opts, &progress)
+    })?;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Output::Text => {
+            println!("merged {} into full backup {} in {:.1} s", r.merged.join(" <- "), r.backup_id, r.duration_secs);
+            println!(
+                "  {} restored in {:.1} s, {} stored and verified in {:.1} s",
+                mib(r.bytes_restored),
+                r.restore_secs,
+                mib(r.bytes_stored),
+                r.backup_secs
+            );
+            println!("  the chain can now go: blockstream expire --repo {} --retain-full N", a.repo.display());
         }
     }
     Ok(ExitCode::SUCCESS)

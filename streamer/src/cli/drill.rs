@@ -226,6 +226,10 @@ fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()
         target_action: None,
         target_timeline: None,
         encryption: super::encryption(&a.keys).map_err(|e| blockstream::Error::Usage(e.to_string()))?,
+        delta: false,
+        // A drill is the proof a backup restores: every file's digest too.
+        check: blockstream::verify::PieceCheck::Digest,
+        db_include: Vec::new(),
     };
     let progress = Progress::default();
     let t = Instant::now();

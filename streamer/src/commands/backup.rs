@@ -122,6 +122,10 @@ pub struct BackupOptions {
     /// The key of an encrypted repository (or of one to encrypt from its
     /// first backup on).
     pub encryption: crate::crypt::Encryption,
+    /// A merge: the backup whose chain was restored into `pgdata`. The new
+    /// backup takes its owners, modes, times and tablespace locations, and
+    /// is verified before it is listed.
+    pub merge_of: Option<std::sync::Arc<Manifest>>,
 }
 
 /// Takes a full online backup of the cluster behind `session` into the repository.
@@ -404,11 +408,50 @@ fn copy_and_record(
             ..stats
         },
     };
+    let mut manifest = manifest;
+    if let Some(origin) = &opts.merge_of {
+        adopt_origin(&mut manifest, origin);
+        manifest.validate()?;
+        progress.start_phase("verify", 0);
+        let check = crate::verify::verify_manifest(repo, &manifest, opts.jobs, progress);
+        if let Some(p) = check.problems.iter().find(|p| p.check != "archive") {
+            return Err(Error::Corrupt(format!(
+                "the merged backup {} failed verification and is not listed: {}: {}",
+                manifest.backup_id, p.check, p.detail
+            )));
+        }
+    }
     progress.start_phase("manifest", 0);
     manifest.validate()?;
     repo.store_manifest(&manifest)?;
     crate::failpoint::hit("manifest-renamed");
     Ok(manifest)
+}
+
+/// A merged backup describes the data directory its chain was taken from,
+/// not the scratch copy it was read from: owners, modes and times of every
+/// directory and file, and the tablespace locations, come from `origin`.
+fn adopt_origin(m: &mut Manifest, origin: &Manifest) {
+    m.data_directory = origin.data_directory;
+    for t in &mut m.tablespaces {
+        if let Some(o) = origin.tablespaces.iter().find(|o| o.oid == t.oid) {
+            *t = o.clone();
+        }
+    }
+    let dirs: std::collections::HashMap<&str, &crate::manifest::DirEntry> =
+        origin.directories.iter().map(|d| (d.path.as_str(), d)).collect();
+    for d in &mut m.directories {
+        if let Some(o) = dirs.get(d.path.as_str()) {
+            (d.mode, d.uid, d.gid) = (o.mode, o.uid, o.gid);
+        }
+    }
+    let files: std::collections::HashMap<&str, &crate::manifest::FileEntry> =
+        origin.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    for f in &mut m.files {
+        if let Some(o) = files.get(f.path.as_str()) {
+            (f.mode, f.uid, f.gid, f.mtime) = (o.mode, o.uid, o.gid, o.mtime);
+        }
+    }
 }
 
 /// What to copy of each file: all of it (None), or the blocks changed since

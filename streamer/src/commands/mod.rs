@@ -2,6 +2,7 @@
 //! the pipeline and the storage seam.
 //!
 //! - [`backup`], [`restore`], [`verify`], [`expire`]: the backup life cycle;
+//! - [`merge`]: a full backup made from a chain, without the server;
 //! - [`archive`]: the WAL archive (push, fetch, listing, gaps);
 //! - [`catalog`], [`metrics`], [`report`]: what a repository says of itself.
 
@@ -9,6 +10,7 @@ pub mod archive;
 pub mod backup;
 pub mod catalog;
 pub mod expire;
+pub mod merge;
 pub mod metrics;
 pub mod report;
 pub mod restore;

@@ -1,50 +1,64 @@
-//! Restore: a backup from the repository into a new data directory, in parallel.
+//! Restore: a backup from the repository into a new data directory, in
+//! parallel; or over an existing one (`--delta`); or some databases only
+//! (`--db-include`).
 //!
 //! Order, so that a failed or killed restore loses nothing and leaves nothing
 //! that looks startable:
 //!
-//! 1. Everything is checked before a byte is removed or written: the chain of
-//!    manifests, the tablespace mapping, the target (empty, or `--force` and
+//! 1. Checked before a byte is removed or written: the chain of manifests,
+//!    the tablespace mapping, the target (empty, or `--force`/`--delta` and
 //!    no server using it), every tablespace location (absent or empty, as
 //!    pg_basebackup requires; a non-empty one only when named by
-//!    `--tablespace-map` with `--force`, and never while a server uses it),
-//!    and every stored chunk against its SHA-256.
+//!    `--tablespace-map` with `--force`, or with `--delta`, and never while
+//!    a server uses it). When anything in place will be replaced or changed,
+//!    every stored chunk needed is also read and checked against its SHA-256
+//!    first; into a new or empty directory each chunk is checked as it is
+//!    read for decoding, so it is read once.
 //! 2. Run as root, the process switches to the target's owner (see
 //!    [`crate::privs`]); repository files are opened before that.
-//! 3. What `--force` replaces is emptied; directories, tablespace links and
-//!    files (sized with fallocate, so a full disk is an error and never a
-//!    SIGBUS on a mapped page) are created, and N threads decode chunks and
-//!    write each record through a memory map of its target file. Each record
-//!    is one piece of one file, so threads never write the same bytes. Every
-//!    file's digest is compared with the manifest.
+//! 3. What `--force` replaces is emptied; `--delta` removes `pg_control`
+//!    first, then what the backup does not hold. Directories, tablespace
+//!    links and files (sized with fallocate, so a full disk is an error and
+//!    never a SIGBUS on a mapped page) are created, and N threads decode
+//!    chunks and write each record through a memory map of its target file
+//!    (with `--delta`, only the blocks that differ). Each record is one piece
+//!    of one file, so threads never write the same bytes. Every piece of
+//!    every file must be seen once (see [`PieceCheck`] for what checks the bytes).
 //! 4. `backup_label`, `tablespace_map`, `recovery.signal` and the recovery
 //!    settings are written, then `global/pg_control`, last of all: a data
 //!    directory without it cannot start, so one left by a killed or failed
 //!    restore never runs crash recovery from a half-restored copy. A rerun
-//!    with `--force` completes it. Then the file systems are synced.
+//!    with `--force` or `--delta` completes it. Then the file systems are synced.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{symlink, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use memmap2::MmapOptions;
 
 use crate::archive;
-use crate::chain::{load_chain, resolve, Take};
+use crate::blkref::BlockSet;
+use crate::chain::{load_chain, resolve, Resolution, Take};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::manifest::{check_absolute_path, check_relative_path, FileEntry, Manifest};
+use crate::pg_database;
 use crate::privs::{self, Postmaster, User};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::safe_fs;
+use crate::stream::StreamReader;
 use crate::timefmt;
-use crate::verify::{check_chunks, check_file_digests, decode_chunks, open_streams};
+use crate::verify::{check_chunks, check_file_digests, decode_chunks, open_streams, PieceCheck};
+
+/// A WAL segment served by archive-get is small: every piece is hashed.
+const DIGEST: PieceCheck = PieceCheck::Digest;
 
 /// The control file: restored last.
 pub const CONTROL_FILE: &str = "global/pg_control";
@@ -88,6 +102,14 @@ pub struct RestoreOptions {
     pub target_timeline: Option<String>,
     /// The key of an encrypted repository.
     pub encryption: crate::crypt::Encryption,
+    /// Restore over an existing data directory, rewriting only the blocks
+    /// that differ and removing what the backup does not hold.
+    pub delta: bool,
+    /// How the written bytes are checked (see [`PieceCheck`]).
+    pub check: PieceCheck,
+    /// Restore only these databases (and postgres, template0, template1):
+    /// the relation files of the others become sparse files of zeros.
+    pub db_include: Vec<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -101,7 +123,19 @@ pub struct RestoreReport {
     pub files: u64,
     pub bytes_restored: u64,
     pub bytes_stored: u64,
-    /// Reading every chunk and checking its digest, before anything is written.
+    /// Bytes of file data written to the target (a delta restore writes
+    /// only the blocks that differ; a new file's zeros are not written).
+    pub bytes_written: u64,
+    /// A delta restore: files kept with every byte already right.
+    pub files_unchanged: u64,
+    /// A delta restore: files, links and directories of the target that the
+    /// backup does not hold, removed.
+    pub removed: u64,
+    pub delta: bool,
+    /// `--db-include`: the databases whose relation files are zeros; drop them.
+    pub databases_excluded: Vec<String>,
+    /// Reading every chunk and checking its digest, before anything is
+    /// written: only when something in place is replaced or changed.
     pub verify_secs: f64,
     /// Creating directories, links and sized files.
     pub layout_secs: f64,
@@ -121,9 +155,22 @@ enum DirState {
     Empty,
     /// Not empty, and `--force` says to replace its contents.
     Replace,
+    /// Not empty, and `--delta` says to bring it to the backup's contents.
+    Delta,
 }
 
 pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> {
+    restore(opts, progress, false)
+}
+
+/// The data directory of a backup exactly as its chain holds it, for a
+/// merge: no recovery settings, `backup_label` or `recovery.signal`
+/// written, no archive checked, no change of user. The caller owns `target`.
+pub(crate) fn restore_as_backed_up(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> {
+    restore(opts, progress, true)
+}
+
+fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Result<RestoreReport> {
     let began = Instant::now();
     if opts.jobs == 0 {
         return Err(Error::Usage("jobs must be at least 1".into()));
@@ -136,7 +183,9 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
     };
     let chain = load_chain(&repo, &id)?;
     let m = chain.last().expect("a chain holds at least its target");
-    check_archive_reaches(&repo, m, &opts.recovery_target)?;
+    if !as_backed_up {
+        check_archive_reaches(&repo, m, &opts.recovery_target)?;
+    }
     let locations = map_tablespaces(m, &opts.tablespace_map)?;
     let control = m.files.iter().find(|f| f.path == CONTROL_FILE && !f.vanished).ok_or_else(|| {
         Error::Corrupt(format!("backup {id} holds no {CONTROL_FILE}: it is not a backup of a data directory"))
@@ -148,37 +197,39 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
             if control.incremental.is_some() { ", stored incrementally" } else { "" }
         )));
     }
-    let plan = resolve(&chain);
-    // The chunks of each backup that hold blocks the restore takes from it.
-    let needed: Vec<Vec<(u16, u32)>> = chain
-        .iter()
-        .zip(&plan)
-        .map(|(b, take)| {
-            let set: BTreeSet<(u16, u32)> =
-                take.keys().flat_map(|&fi| b.files[fi as usize].chunks.iter().copied()).collect();
-            set.into_iter().collect()
-        })
-        .collect();
+    let Resolution { take: mut plan, zeros } = resolve(&chain);
+    if opts.delta && opts.force {
+        return Err(Error::Usage(
+            "--delta and --force exclude each other: --delta keeps what already matches, --force replaces everything"
+                .into(),
+        ));
+    }
 
     // 1. The target and the tablespace locations, before anything is read.
     let postmasters = privs::running_postmasters();
-    let target_state = check_dir(&opts.target, opts.force, "target directory", &postmasters)?;
+    let in_place = |state: DirState| if opts.delta && state == DirState::Replace { DirState::Delta } else { state };
+    let target_state = in_place(check_dir(&opts.target, opts.force || opts.delta, "target directory", &postmasters)?);
     let mut replace = Vec::new();
+    let mut changes_in_place = matches!(target_state, DirState::Replace | DirState::Delta);
     for (oid, loc) in &locations {
         let named = opts.tablespace_map.iter().any(|(_, new)| new.trim_end_matches('/') == loc);
         let what = format!("tablespace {oid} location");
-        match check_dir(Path::new(loc), opts.force && named, &what, &postmasters) {
-            Ok(DirState::Replace) => replace.push(PathBuf::from(loc)),
+        match check_dir(Path::new(loc), (opts.force && named) || opts.delta, &what, &postmasters).map(in_place) {
+            Ok(DirState::Replace) => {
+                replace.push(PathBuf::from(loc));
+                changes_in_place = true;
+            }
+            Ok(DirState::Delta) => changes_in_place = true,
             Ok(_) => {}
             Err(Error::Conflict(msg)) if !named && msg.contains("is not empty") => {
                 return Err(Error::Conflict(format!(
-                    "{what} \"{loc}\" is not empty: a tablespace is restored only into an absent or empty directory; map it elsewhere with --tablespace-map OLD=NEW, or name it with --tablespace-map {loc}={loc} and --force to replace its contents"
+                    "{what} \"{loc}\" is not empty: a tablespace is restored only into an absent or empty directory; map it elsewhere with --tablespace-map OLD=NEW, or name it with --tablespace-map {loc}={loc} and --force to replace its contents, or restore with --delta"
                 )));
             }
             Err(e) => return Err(e),
         }
     }
-    let owner = if privs::is_root() {
+    let owner = if privs::is_root() && !as_backed_up {
         Some(resolve_owner(&opts.target, opts.owner.as_deref(), m)?)
     } else {
         if let Some(o) = &opts.owner {
@@ -191,16 +242,34 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         None
     };
 
-    // 2. Every chunk that will be used, checked before a single byte is written.
+    // 2. Before anything in place is removed or changed, every chunk that
+    //    will be used is read and checked. Into a new or empty directory the
+    //    chunks are checked as they are decoded instead, and read once: a
+    //    failure there leaves a directory without pg_control, which cannot start.
     let t = Instant::now();
-    let streams = chain
+    let streams = chain.iter().map(|b| open_streams(&repo, b)).collect::<Result<Vec<_>>>()?;
+    let (sparse, databases_excluded) = if opts.db_include.is_empty() {
+        (vec![false; m.files.len()], Vec::new())
+    } else {
+        exclude_databases(&repo, &chain, &mut plan, &streams, &opts.db_include)?
+    };
+    // The chunks of each backup that hold blocks the restore takes from it.
+    let needed: Vec<Vec<(u16, u32)>> = chain
         .iter()
-        .zip(&needed)
-        .map(|(b, chunks)| if chunks.is_empty() { Ok(Vec::new()) } else { open_streams(&repo, b) })
-        .collect::<Result<Vec<_>>>()?;
+        .zip(&plan)
+        .map(|(b, take)| {
+            let set: BTreeSet<(u16, u32)> =
+                take.keys().flat_map(|&fi| b.files[fi as usize].chunks.iter().copied()).collect();
+            set.into_iter().collect()
+        })
+        .collect();
     let mut bytes_stored = 0;
     for ((b, chunks), readers) in chain.iter().zip(&needed).zip(&streams) {
-        bytes_stored += check_chunks(readers, b, opts.jobs, progress, Some(chunks))?;
+        if changes_in_place {
+            bytes_stored += check_chunks(readers, b, opts.jobs, progress, Some(chunks))?;
+        } else {
+            bytes_stored += chunks.iter().map(|&(s, c)| b.streams[s as usize].chunks[c as usize].stored).sum::<u64>();
+        }
     }
     let verify_secs = t.elapsed().as_secs_f64();
 
@@ -209,25 +278,35 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         prepare_target_as_root(&opts.target, target_state, u)?;
         privs::become_user(u)?;
     }
+    let mut removed = 0;
     match target_state {
         DirState::Absent => safe_fs::create_dir(&opts.target, 0o700)?,
         DirState::Empty => {}
         DirState::Replace => empty_dir(&opts.target)?,
+        DirState::Delta => removed += prune_for_delta(&opts.target, m, &locations)?,
     }
     for dir in &replace {
         empty_dir(dir)?;
     }
     let t = Instant::now();
-    create_layout(&opts.target, m, &locations, opts.jobs)?;
+    let old_sizes = create_layout(&opts.target, m, &locations, opts.jobs, opts.delta, &sparse)?;
     let layout_secs = t.elapsed().as_secs_f64();
     let target = opts.target.as_path();
     let control_bytes = Mutex::new(vec![0u8; control.size as usize]);
-    for (((b, take), chunks), readers) in chain.iter().zip(&plan).zip(&needed).zip(&streams) {
+    let written = AtomicU64::new(0);
+    // Per file of the restored backup: whether a byte of it was written.
+    let touched: Vec<AtomicBool> = m.files.iter().map(|_| AtomicBool::new(false)).collect();
+    let n = chain.len();
+    for (k, (((b, take), chunks), readers)) in chain.iter().zip(&plan).zip(&needed).zip(&streams).enumerate() {
         if chunks.is_empty() {
             continue;
         }
+        // A file's index in the restored backup, from its index in backup k.
+        let in_target: Option<HashMap<&str, usize>> = (k + 1 < n).then(|| {
+            m.files.iter().enumerate().filter(|(_, f)| !f.vanished).map(|(i, f)| (f.path.as_str(), i)).collect()
+        });
         let bs = b.block_size as u64;
-        let digests = decode_chunks(readers, b, repo.keyring(), opts.jobs, progress, Some(chunks), |p| {
+        let digests = decode_chunks(readers, b, repo.keyring(), opts.jobs, progress, Some(chunks), opts.check, |p| {
             let Some(t) = take.get(&p.file_index) else { return Ok(()) };
             if p.file.path == CONTROL_FILE {
                 // Held back: written last.
@@ -242,16 +321,49 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
                 buf[p.record.offset as usize..end].copy_from_slice(p.record.data);
                 return Ok(());
             }
-            write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs)?;
+            let ti = match &in_target {
+                None => p.file_index as usize,
+                Some(ix) => *ix.get(p.file.path.as_str()).expect("resolve takes only files the target has"),
+            };
+            let w = write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs, old_sizes[ti])?;
+            if w > 0 {
+                written.fetch_add(w, Ordering::Relaxed);
+                touched[ti].store(true, Ordering::Relaxed);
+            }
             crate::failpoint::hit("restore-record");
             Ok(())
         })?;
-        check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)))?;
+        check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)), opts.check)?;
+    }
+    if opts.delta {
+        // Blocks no backup stores are zeros, over whatever the target held there.
+        for (ti, blocks) in zeros.iter().filter(|(ti, _)| !sparse[*ti as usize]) {
+            let f = &m.files[*ti as usize];
+            let w = zero_blocks(target, &f.path, blocks, m.block_size as u64, f.size.min(old_sizes[*ti as usize]))?;
+            if w > 0 {
+                written.fetch_add(w, Ordering::Relaxed);
+                touched[*ti as usize].store(true, Ordering::Relaxed);
+            }
+        }
     }
     let write_secs = t.elapsed().as_secs_f64() - layout_secs;
+    let files_unchanged = if opts.delta {
+        m.files
+            .iter()
+            .zip(&touched)
+            .zip(&old_sizes)
+            .filter(|((f, t), &old)| {
+                !f.vanished && f.path != CONTROL_FILE && !t.load(Ordering::Relaxed) && old == f.size
+            })
+            .count() as u64
+    } else {
+        0
+    };
 
     // 4. What recovery needs, then pg_control, then the disk.
-    write_recovery_files(&opts.target, &locations, m, opts)?;
+    if !as_backed_up {
+        write_recovery_files(&opts.target, &locations, m, opts)?;
+    }
     crate::failpoint::hit("restore-written");
     let t = Instant::now();
     sync_filesystem(&opts.target)?;
@@ -272,6 +384,11 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         files: m.files.iter().filter(|f| !f.vanished).count() as u64,
         bytes_restored,
         bytes_stored,
+        bytes_written: written.into_inner() + control.size,
+        files_unchanged,
+        removed,
+        delta: opts.delta,
+        databases_excluded,
         verify_secs,
         layout_secs,
         write_secs,
@@ -280,6 +397,125 @@ pub fn run_restore(opts: &RestoreOptions, progress: &Progress) -> Result<Restore
         throughput_mib_s: bytes_restored as f64 / (1 << 20) as f64 / duration.max(1e-9),
         jobs: opts.jobs as u32,
     })
+}
+
+/// The databases of the restored backup, from its `pg_database`.
+fn backup_databases(
+    repo: &Repo,
+    chain: &[Manifest],
+    plan: &[HashMap<u32, Take>],
+    streams: &[Vec<StreamReader>],
+) -> Result<Vec<(String, u32)>> {
+    let m = chain.last().expect("a chain holds at least its target");
+    let map = restored_file(repo, chain, plan, streams, pg_database::FILENODE_MAP, 64 << 10)?;
+    let what = format!("{} of backup {}", pg_database::FILENODE_MAP, m.backup_id);
+    let heap_path = format!("global/{}", pg_database::pg_database_filenode(&map, &what)?);
+    let heap = restored_file(repo, chain, plan, streams, &heap_path, pg_database::MAX_CATALOG_BYTES)?;
+    pg_database::databases(
+        &heap,
+        m.block_size as usize,
+        &format!("{heap_path} (pg_database) of backup {}", m.backup_id),
+    )
+}
+
+/// The database a relation file belongs to: `base/DB/...` or
+/// `pg_tblspc/SPC/VERSION/DB/...`, for a file whose name starts with a digit.
+fn database_of_relation(path: &str) -> Option<u32> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let (db, name) = match parts.as_slice() {
+        ["base", db, name] => (db, name),
+        ["pg_tblspc", _, _, db, name] => (db, name),
+        _ => return None,
+    };
+    name.starts_with(|c: char| c.is_ascii_digit()).then(|| db.parse().ok()).flatten()
+}
+
+/// `--db-include`: takes the relation files of every other database (but
+/// postgres, template0 and template1) out of the plan. Returns, per file of
+/// the restored backup, whether it is left sparse, and the names left out.
+fn exclude_databases(
+    repo: &Repo,
+    chain: &[Manifest],
+    plan: &mut [HashMap<u32, Take>],
+    streams: &[Vec<StreamReader>],
+    include: &[String],
+) -> Result<(Vec<bool>, Vec<String>)> {
+    let m = chain.last().expect("a chain holds at least its target");
+    let dbs = backup_databases(repo, chain, plan, streams)?;
+    for name in include {
+        if !dbs.iter().any(|(d, _)| d == name) {
+            let mut known: Vec<&str> = dbs.iter().map(|(d, _)| d.as_str()).collect();
+            known.sort_unstable();
+            return Err(Error::Usage(format!(
+                "--db-include {name}: backup {} holds no database of that name (it holds {})",
+                m.backup_id,
+                known.join(", ")
+            )));
+        }
+    }
+    const ALWAYS: [&str; 3] = ["postgres", "template0", "template1"];
+    let keep: HashSet<u32> =
+        dbs.iter().filter(|(d, _)| include.contains(d) || ALWAYS.contains(&d.as_str())).map(|&(_, oid)| oid).collect();
+    let left_out = |path: &str| database_of_relation(path).is_some_and(|db| !keep.contains(&db));
+    for (b, take) in chain.iter().zip(plan.iter_mut()) {
+        take.retain(|&fi, _| !left_out(&b.files[fi as usize].path));
+    }
+    let sparse: Vec<bool> = m.files.iter().map(|f| left_out(&f.path)).collect();
+    let present: HashSet<u32> =
+        m.files.iter().zip(&sparse).filter(|(_, &s)| s).filter_map(|(f, _)| database_of_relation(&f.path)).collect();
+    let mut names: Vec<String> =
+        dbs.into_iter().filter(|(_, oid)| present.contains(oid) && !keep.contains(oid)).map(|(d, _)| d).collect();
+    names.sort();
+    names.dedup();
+    Ok((sparse, names))
+}
+
+/// The bytes of file `path` of the restored backup (at most `max`),
+/// assembled from the chain as a restore would write it, every piece's
+/// digest checked.
+fn restored_file(
+    repo: &Repo,
+    chain: &[Manifest],
+    plan: &[HashMap<u32, Take>],
+    streams: &[Vec<StreamReader>],
+    path: &str,
+    max: u64,
+) -> Result<Vec<u8>> {
+    let m = chain.last().expect("a chain holds at least its target");
+    let f = m
+        .files
+        .iter()
+        .find(|f| f.path == path && !f.vanished)
+        .ok_or_else(|| Error::Corrupt(format!("backup {} holds no {path}", m.backup_id)))?;
+    if f.size > max {
+        return Err(Error::Corrupt(format!("{path} of backup {} is {} bytes, more than {max}", m.backup_id, f.size)));
+    }
+    let buf = Mutex::new(vec![0u8; f.size as usize]);
+    for (k, b) in chain.iter().enumerate() {
+        let Some(fi) = b.files.iter().position(|e| e.path == path && !e.vanished) else { continue };
+        let Some(take) = plan[k].get(&(fi as u32)) else { continue };
+        let bs = b.block_size as u64;
+        let chunks = b.files[fi].chunks.clone();
+        let digests =
+            decode_chunks(&streams[k], b, repo.keyring(), 1, &Progress::default(), Some(&chunks), DIGEST, |p| {
+                if p.file_index != fi as u32 {
+                    return Ok(());
+                }
+                let mut out = buf.lock().expect("no thread panics holding it");
+                let size = out.len() as u64;
+                let (offset, data) = (p.record.offset, p.record.data);
+                for (i, block) in data.chunks(bs as usize).enumerate() {
+                    let at = offset + i as u64 * bs;
+                    if take.takes((at / bs) as u32) && at < size {
+                        let n = block.len().min((size - at) as usize);
+                        out[at as usize..at as usize + n].copy_from_slice(&block[..n]);
+                    }
+                }
+                Ok(())
+            })?;
+        check_file_digests(b, digests, Some(&|i| i == fi as u32), DIGEST)?;
+    }
+    Ok(buf.into_inner().expect("not poisoned"))
 }
 
 /// The backup a point-in-time restore starts from: the newest one that
@@ -363,14 +599,14 @@ pub fn extract_file(repo: &Repo, id: &str, path: &str, dest: &Path) -> Result<()
     let out = File::create(dest).map_err(Error::io("create", dest))?;
     out.set_len(m.files[index as usize].size).map_err(Error::io("size", dest))?;
     let chunks = m.files[index as usize].chunks.clone();
-    let digests = decode_chunks(&streams, &m, repo.keyring(), 1, &Progress::default(), Some(&chunks), |p| {
+    let digests = decode_chunks(&streams, &m, repo.keyring(), 1, &Progress::default(), Some(&chunks), DIGEST, |p| {
         if p.file_index == index {
             use std::os::unix::fs::FileExt;
             out.write_all_at(p.record.data, p.record.offset).map_err(Error::io("write", dest))?;
         }
         Ok(())
     })?;
-    check_file_digests(&m, digests, Some(&|fi| fi == index))?;
+    check_file_digests(&m, digests, Some(&|fi| fi == index), DIGEST)?;
     out.sync_all().map_err(Error::io("fsync", dest))
 }
 
@@ -485,13 +721,7 @@ fn prepare_target_as_root(target: &Path, state: DirState, owner: &User) -> Resul
 /// Removes everything inside `dir` (never following a symbolic link).
 fn empty_dir(dir: &Path) -> Result<()> {
     for e in fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
-        let p = e.map_err(Error::io("read directory", dir))?.path();
-        let md = fs::symlink_metadata(&p).map_err(Error::io("stat", &p))?;
-        if md.is_dir() {
-            fs::remove_dir_all(&p).map_err(Error::io("remove", &p))?;
-        } else {
-            fs::remove_file(&p).map_err(Error::io("remove", &p))?;
-        }
+        remove_entry(&e.map_err(Error::io("read directory", dir))?.path())?;
     }
     Ok(())
 }
@@ -511,7 +741,18 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(Error::io("set mode of", path))
 }
 
-fn create_layout(target: &Path, m: &Manifest, locations: &[(u32, String)], jobs: usize) -> Result<()> {
+/// Creates the directories, tablespace links and files of the backup; in a
+/// delta restore, keeps those that exist (pruned by [`prune_for_delta`]).
+/// Returns each file's size before (by index in the manifest; 0 for a file
+/// created here): bytes below it are compared before they are written.
+fn create_layout(
+    target: &Path,
+    m: &Manifest,
+    locations: &[(u32, String)],
+    jobs: usize,
+    delta: bool,
+    sparse: &[bool],
+) -> Result<Vec<u64>> {
     set_mode(target, dir_mode(m.data_directory.mode))?;
     let mut dirs: Vec<_> = m.directories.iter().collect();
     dirs.sort_by(|a, b| a.path.cmp(&b.path));
@@ -530,6 +771,9 @@ fn create_layout(target: &Path, m: &Manifest, locations: &[(u32, String)], jobs:
         set_mode(loc, dir_mode(t.mode))?;
         let link = target.join(format!("pg_tblspc/{}", t.oid));
         fs::create_dir_all(link.parent().unwrap()).map_err(Error::io("create directory", &link))?;
+        if delta && fs::read_link(&link).is_ok_and(|to| to == loc) {
+            continue;
+        }
         symlink(loc, &link).map_err(Error::io("create tablespace link", &link))?;
     }
     for d in dirs.iter().filter(|d| in_tablespace(&d.path)) {
@@ -539,21 +783,45 @@ fn create_layout(target: &Path, m: &Manifest, locations: &[(u32, String)], jobs:
     }
     // Files: creating and sizing a thousand files is kernel work worth
     // spreading over threads. pg_control is written last, on its own.
-    let files: Vec<_> = m.files.iter().filter(|f| !f.vanished && f.path != CONTROL_FILE).collect();
+    let files: Vec<(usize, &FileEntry, bool)> = m
+        .files
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !f.vanished && f.path != CONTROL_FILE)
+        .map(|(i, f)| (i, f, sparse[i]))
+        .collect();
     let per = files.len().div_ceil(jobs.max(1)).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = files.chunks(per).map(|part| s.spawn(move || create_files(target, part))).collect();
-        handles.into_iter().try_for_each(|h| h.join().expect("layout thread panicked"))
-    })
+    let found = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            files.chunks(per).map(|part| s.spawn(move || create_files(target, part, delta))).collect();
+        handles.into_iter().map(|h| h.join().expect("layout thread panicked")).collect::<Result<Vec<_>>>()
+    })?;
+    let mut old = vec![0; m.files.len()];
+    for (i, size) in found.into_iter().flatten() {
+        old[i] = size;
+    }
+    Ok(old)
 }
 
-fn create_files(target: &Path, files: &[&FileEntry]) -> Result<()> {
-    for f in files {
+/// Creates (or in a delta restore, opens) and sizes each file; returns the
+/// size each had before, where it was not 0. A sparse file (of a database
+/// `--db-include` leaves out) is sized without allocating: all zeros.
+fn create_files(target: &Path, files: &[(usize, &FileEntry, bool)], delta: bool) -> Result<Vec<(usize, u64)>> {
+    let mut old = Vec::new();
+    for &(i, f, sparse) in files {
         check_relative_path(&f.path)?;
         let p = target.join(&f.path);
         let mode = file_mode(f.mode);
-        let open =
-            || OpenOptions::new().write(true).create_new(true).mode(mode).custom_flags(libc::O_NOFOLLOW).open(&p);
+        let open = || {
+            OpenOptions::new()
+                .read(delta)
+                .write(true)
+                .create_new(!delta)
+                .create(delta)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)
+        };
         let file = match open() {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -564,7 +832,23 @@ fn create_files(target: &Path, files: &[&FileEntry]) -> Result<()> {
             }
             Err(e) => return Err(Error::Io { op: "create", path: p, source: e }),
         };
-        if f.size > 0 {
+        if delta {
+            let md = file.metadata().map_err(Error::io("stat", &p))?;
+            if !md.is_file() {
+                return Err(Error::Conflict(format!("\"{}\" in the target is not a regular file", p.display())));
+            }
+            if sparse {
+                file.set_len(0).map_err(Error::io("truncate", &p))?;
+            } else if md.len() > 0 {
+                old.push((i, md.len()));
+            }
+            if md.len() > f.size {
+                file.set_len(f.size).map_err(Error::io("truncate", &p))?;
+            }
+        }
+        if sparse {
+            file.set_len(f.size).map_err(Error::io("size", &p))?;
+        } else if f.size > 0 {
             // SAFETY: fallocate on a descriptor we own, for a range we own.
             let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, f.size as libc::off_t) };
             if rc != 0 {
@@ -577,7 +861,7 @@ fn create_files(target: &Path, files: &[&FileEntry]) -> Result<()> {
         }
         safe_fs::set_mode(&file, &p, mode)?;
     }
-    Ok(())
+    Ok(old)
 }
 
 thread_local! {
@@ -605,35 +889,63 @@ fn start_writeback(file: &File, offset: u64, len: usize) {
 }
 
 /// Writes `runs` (byte ranges of `data`) at `offset` of `file` through a
-/// memory map of the record's range.
-fn map_and_copy(file: &File, path: &Path, offset: u64, data: &[u8], runs: &[(usize, usize)]) -> Result<()> {
-    // SAFETY: the file was created by this restore and sized with fallocate,
-    // so every page of the range is backed by allocated blocks; no other
-    // process uses it, and no other thread writes the same bytes (each block
-    // of a restored file has exactly one source, and a backup's pieces do not
-    // overlap). Bytes outside `runs` are left untouched.
+/// memory map of the record's range. Bytes of the file below `old` (which
+/// held data before a delta restore) are compared block by block, and only
+/// blocks that differ are written. Returns the bytes written.
+fn map_and_copy(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    data: &[u8],
+    runs: &[(usize, usize)],
+    old: u64,
+    bs: usize,
+) -> Result<u64> {
+    // SAFETY: the file was created or opened by this restore and sized with
+    // fallocate, so every page of the range is backed by allocated blocks;
+    // no other process uses it (no server runs on the target), and no other
+    // thread writes the same bytes (each block of a restored file has
+    // exactly one source, and a backup's pieces do not overlap). Bytes
+    // outside `runs` are left untouched.
     let mut map =
         unsafe { MmapOptions::new().offset(offset).len(data.len()).map_mut(file) }.map_err(Error::io("map", path))?;
+    let compare_to = old.saturating_sub(offset).min(data.len() as u64) as usize;
+    let mut written = 0;
     for &(from, to) in runs {
-        map[from..to].copy_from_slice(&data[from..to]);
+        let mut at = from;
+        while at < to.min(compare_to) {
+            let end = (at + bs).min(to);
+            if map[at..end] != data[at..end] {
+                map[at..end].copy_from_slice(&data[at..end]);
+                written += end - at;
+            }
+            at = end;
+        }
+        if at < to {
+            map[at..to].copy_from_slice(&data[at..to]);
+            written += to - at;
+        }
     }
     drop(map);
-    start_writeback(file, offset, data.len());
-    Ok(())
+    if written > 0 {
+        start_writeback(file, offset, data.len());
+    }
+    Ok(written as u64)
 }
 
 /// Writes the blocks of a record that `take` assigns to this backup into the
-/// restored file `rel`.
-fn write_record(target: &Path, rel: &str, offset: u64, data: &[u8], take: &Take, bs: u64) -> Result<()> {
+/// restored file `rel`, comparing the bytes below `old` first (a delta
+/// restore). Returns the bytes written.
+fn write_record(target: &Path, rel: &str, offset: u64, data: &[u8], take: &Take, bs: u64, old: u64) -> Result<u64> {
     if data.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let path = target.join(rel);
     if let Take::All = take {
         // The common case (a whole file of the backup being restored): measured
         // fastest as open, map, copy, unmap, start writeback, close.
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(Error::io("open", &path))?;
-        return map_and_copy(&file, &path, offset, data, &[(0, data.len())]);
+        return map_and_copy(&file, &path, offset, data, &[(0, data.len())], old, bs as usize);
     }
     // The runs of blocks this backup is the newest source of.
     let (first, nblocks) = (offset / bs, (data.len() as u64).div_ceil(bs));
@@ -651,25 +963,145 @@ fn write_record(target: &Path, rel: &str, offset: u64, data: &[u8], take: &Take,
         runs.push(((run * bs) as usize, ((k * bs) as usize).min(data.len())));
     }
     if runs.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
-    OPEN.with(|cell| {
-        let mut open = cell.borrow_mut();
-        if open.as_ref().is_none_or(|(p, _)| *p != path) {
-            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(Error::io("open", &path))?;
-            *open = Some((path.clone(), file));
-        }
-        let file = &open.as_ref().expect("just opened").1;
-        if data.len() >= MAP_AT_LEAST {
-            return map_and_copy(file, &path, offset, data, &runs);
+    with_open_file(&path, |file| {
+        if data.len() >= MAP_AT_LEAST || offset < old {
+            return map_and_copy(file, &path, offset, data, &runs, old, bs as usize);
         }
         use std::os::unix::fs::FileExt;
+        let mut written = 0;
         for (from, to) in runs {
             file.write_all_at(&data[from..to], offset + from as u64).map_err(Error::io("write", &path))?;
+            written += (to - from) as u64;
         }
         start_writeback(file, offset, data.len());
-        Ok(())
+        Ok(written)
     })
+}
+
+/// Runs `f` on `path`, opened for reading and writing; the thread keeps the
+/// last file open, since consecutive records mostly belong to one file.
+fn with_open_file<T>(path: &Path, f: impl FnOnce(&File) -> Result<T>) -> Result<T> {
+    OPEN.with(|cell| {
+        let mut open = cell.borrow_mut();
+        if open.as_ref().is_none_or(|(p, _)| p != path) {
+            let file = OpenOptions::new().read(true).write(true).open(path).map_err(Error::io("open", path))?;
+            *open = Some((path.to_path_buf(), file));
+        }
+        f(&open.as_ref().expect("just opened").1)
+    })
+}
+
+/// A delta restore: writes zeros over the blocks of `rel` in `blocks` (those
+/// no backup of the chain stores) below `old`, where the target's bytes are
+/// not zeros already. Returns the bytes written.
+fn zero_blocks(target: &Path, rel: &str, blocks: &BlockSet, bs: u64, old: u64) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let path = target.join(rel);
+    let mut buf = vec![0u8; bs as usize];
+    let zeros = vec![0u8; bs as usize];
+    let mut written = 0;
+    with_open_file(&path, |file| {
+        for b in blocks.iter() {
+            let at = b as u64 * bs;
+            if at >= old {
+                break;
+            }
+            let len = bs.min(old - at) as usize;
+            file.read_exact_at(&mut buf[..len], at).map_err(Error::io("read", &path))?;
+            if buf[..len] != zeros[..len] {
+                file.write_all_at(&zeros[..len], at).map_err(Error::io("write", &path))?;
+                written += len as u64;
+            }
+        }
+        Ok(written)
+    })
+}
+
+/// A delta restore, before anything is written: removes `global/pg_control`
+/// first (durably: a delta killed midway leaves a directory that cannot
+/// start), then every file, link and directory of the target and of its
+/// tablespace locations that the backup does not hold. Follows no link:
+/// a tablespace link that points to its mapped location is kept, any other
+/// link is removed. Returns how many entries were removed.
+fn prune_for_delta(target: &Path, m: &Manifest, locations: &[(u32, String)]) -> Result<u64> {
+    let global = target.join("global");
+    match fs::remove_file(global.join("pg_control")) {
+        Ok(()) => {
+            File::open(&global).and_then(|d| d.sync_all()).map_err(Error::io("sync directory", &global))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::Io { op: "remove", path: global.join("pg_control"), source: e }),
+    }
+    let files: HashSet<&str> =
+        m.files.iter().filter(|f| !f.vanished && f.path != CONTROL_FILE).map(|f| f.path.as_str()).collect();
+    let mut dirs: HashSet<&str> = m.directories.iter().map(|d| d.path.as_str()).collect();
+    for f in &files {
+        let mut p = *f;
+        while let Some(i) = p.rfind('/') {
+            p = &p[..i];
+            if !dirs.insert(p) {
+                break;
+            }
+        }
+    }
+    let links: HashMap<String, &str> =
+        locations.iter().map(|(oid, loc)| (format!("pg_tblspc/{oid}"), loc.as_str())).collect();
+    let mut removed = 0;
+    prune_dir(target, "", &files, &dirs, &links, &mut removed)?;
+    for (oid, loc) in locations {
+        if Path::new(loc).is_dir() {
+            prune_dir(Path::new(loc), &format!("pg_tblspc/{oid}"), &files, &dirs, &HashMap::new(), &mut removed)?;
+        }
+    }
+    Ok(removed)
+}
+
+fn prune_dir(
+    dir: &Path,
+    rel: &str,
+    files: &HashSet<&str>,
+    dirs: &HashSet<&str>,
+    links: &HashMap<String, &str>,
+    removed: &mut u64,
+) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
+        let e = e.map_err(Error::io("read directory", dir))?;
+        let p = e.path();
+        let Some(name) = e.file_name().to_str().map(String::from) else {
+            // Not UTF-8: no manifest path names it.
+            remove_entry(&p)?;
+            *removed += 1;
+            continue;
+        };
+        let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        let md = fs::symlink_metadata(&p).map_err(Error::io("stat", &p))?;
+        let keep = if md.file_type().is_symlink() {
+            links.get(&r).is_some_and(|loc| fs::read_link(&p).is_ok_and(|to| to == Path::new(loc)))
+        } else if md.is_dir() {
+            dirs.contains(r.as_str())
+        } else {
+            md.is_file() && files.contains(r.as_str())
+        };
+        if !keep {
+            remove_entry(&p)?;
+            *removed += 1;
+        } else if md.is_dir() {
+            prune_dir(&p, &r, files, dirs, links, removed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file, link or directory tree, never following a link.
+fn remove_entry(p: &Path) -> Result<()> {
+    let md = fs::symlink_metadata(p).map_err(Error::io("stat", p))?;
+    if md.is_dir() {
+        fs::remove_dir_all(p).map_err(Error::io("remove", p))
+    } else {
+        fs::remove_file(p).map_err(Error::io("remove", p))
+    }
 }
 
 /// `tablespace_map` escapes `\n`, `\r` and `\` with a backslash, as PostgreSQL writes it.
@@ -784,6 +1216,17 @@ mod tests {
         empty_dir(&d).unwrap();
         assert!(fs::read_dir(&d).unwrap().next().is_none());
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn relation_files_name_their_database() {
+        assert_eq!(database_of_relation("base/16384/16385"), Some(16384));
+        assert_eq!(database_of_relation("base/16384/16385_fsm"), Some(16384));
+        assert_eq!(database_of_relation("base/16384/16385.2"), Some(16384));
+        assert_eq!(database_of_relation("pg_tblspc/16390/PG_15_202209061/16384/16391"), Some(16384));
+        for other in ["base/16384/PG_VERSION", "base/16384/pg_filenode.map", "global/1262", "base/x/1", "base/1"] {
+            assert_eq!(database_of_relation(other), None, "{other}");
+        }
     }
 
     #[test]

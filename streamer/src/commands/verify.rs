@@ -1,11 +1,12 @@
 //! Reading a backup's chunks back, in parallel: the shared core of restore and verify.
 //!
 //! [`check_chunks`] reads every stored chunk and checks its SHA-256, without
-//! decompressing: restore runs it before writing anything. [`decode_chunks`]
-//! reads, checks, decompresses and parses every chunk, checks each record
-//! against the manifest's file list, hands it to a visitor (restore writes it,
-//! verify does nothing) and returns the digest of every piece it saw, which
-//! [`check_file_digests`] compares with the manifest.
+//! decompressing: restore runs it before it changes anything in place.
+//! [`decode_chunks`] reads, checks, decompresses and parses every chunk,
+//! checks each record against the manifest's file list, hands it to a
+//! visitor (restore writes it) and returns every piece it saw (with its
+//! digest when asked, [`PieceCheck`]), which [`check_file_digests`] compares
+//! with the manifest. [`verify_backup`] checks everything, always.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -239,6 +240,20 @@ fn decode_chunk(
     dec.decode(stored, meta.raw as usize, raw, name.stream, name.chunk, name)
 }
 
+/// How restore checks the bytes it writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PieceCheck {
+    /// Every piece of every file is seen exactly once. Its bytes are
+    /// covered by the chunk's SHA-256 (checked before decoding), the
+    /// encrypted chunk's tag, and zstd's frame checksum of the decoded content.
+    #[default]
+    Coverage,
+    /// Also each piece's SHA-256, and each file's digest from them, as
+    /// `verify` does: this catches a fault in the backup between reading a
+    /// file and compressing it, which the chunk's own checks cannot.
+    Digest,
+}
+
 #[derive(Default)]
 struct DecodeState {
     stored: Vec<u8>,
@@ -250,7 +265,9 @@ struct DecodeState {
 
 /// Reads, checks, decompresses and parses every chunk (or the chunks in
 /// `only`); calls `visit` for each record of a file that restore creates;
-/// returns every piece digest seen.
+/// returns every piece seen, with its digest when `check` asks for digests
+/// (zeros otherwise).
+#[allow(clippy::too_many_arguments)]
 pub fn decode_chunks(
     streams: &[StreamReader],
     m: &Manifest,
@@ -258,6 +275,7 @@ pub fn decode_chunks(
     jobs: usize,
     progress: &Progress,
     only: Option<&[(u16, u32)]>,
+    check: PieceCheck,
     visit: impl Fn(&Placed) -> Result<()> + Sync,
 ) -> Result<Vec<(u32, u32, Digest)>> {
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.raw).sum();
@@ -271,7 +289,11 @@ pub fn decode_chunks(
             decode_chunk(reader, meta, (&m.filters, key), &name, &mut st.stored, &mut st.raw, &mut st.decoder)?;
             for (i, rec) in parse_chunk(&st.raw, &name)?.iter().enumerate() {
                 let (file, piece) = index.locate(rec, i, &name)?;
-                st.digests.push((rec.file, piece, sha256(rec.data)));
+                let digest = match check {
+                    PieceCheck::Digest => sha256(rec.data),
+                    PieceCheck::Coverage => [0; 32],
+                };
+                st.digests.push((rec.file, piece, digest));
                 if !file.vanished {
                     visit(&Placed { file, file_index: rec.file, piece, record: rec })?;
                 }
@@ -282,13 +304,15 @@ pub fn decode_chunks(
     Ok(per_thread.into_iter().flat_map(|s| s.digests).collect())
 }
 
-/// Compares the piece digests seen with each file's digest in the manifest
-/// (only for the files `only` accepts, when given): one message per file that
-/// is incomplete or does not match.
+/// Checks that every piece of each file was seen once and (with
+/// [`PieceCheck::Digest`]) compares the piece digests seen with the file's
+/// digest in the manifest (only for the files `only` accepts, when given):
+/// one message per file that is incomplete or does not match.
 fn file_digest_problems(
     m: &Manifest,
     digests: Vec<(u32, u32, Digest)>,
     only: Option<&dyn Fn(u32) -> bool>,
+    check: PieceCheck,
 ) -> Vec<String> {
     let mut per_file: Vec<Vec<(u32, Digest)>> = vec![Vec::new(); m.files.len()];
     for (f, p, d) in digests {
@@ -310,6 +334,9 @@ fn file_digest_problems(
             ));
             continue;
         }
+        if check == PieceCheck::Coverage {
+            continue;
+        }
         let d: Vec<Digest> = pieces.into_iter().map(|(_, d)| d).collect();
         let found = to_hex(&file_digest(&d));
         if found != f.sha256 {
@@ -327,8 +354,9 @@ pub fn check_file_digests(
     m: &Manifest,
     digests: Vec<(u32, u32, Digest)>,
     only: Option<&dyn Fn(u32) -> bool>,
+    check: PieceCheck,
 ) -> Result<()> {
-    match file_digest_problems(m, digests, only).into_iter().next() {
+    match file_digest_problems(m, digests, only, check).into_iter().next() {
         Some(p) => Err(Error::Corrupt(p)),
         None => Ok(()),
     }
@@ -374,28 +402,38 @@ struct VerifyState {
 /// the backup started. Reads every chunk once, on `jobs` threads. Problems
 /// are collected, not stopped at.
 pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) -> BackupCheck {
+    match repo.load_manifest(id) {
+        Ok(m) => verify_manifest(repo, &m, jobs, progress),
+        Err(e) => BackupCheck {
+            backup_id: id.to_string(),
+            problems: vec![Problem { check: "manifest", detail: e.to_string() }],
+            stored_bytes: 0,
+            files: 0,
+            pages_checked: 0,
+            secs: 0.0,
+        },
+    }
+}
+
+/// [`verify_backup`] of a manifest already read: one in the repository, or
+/// one about to be stored (a merge checks its backup before listing it).
+pub fn verify_manifest(repo: &Repo, m: &Manifest, jobs: usize, progress: &Progress) -> BackupCheck {
     let began = std::time::Instant::now();
+    let id = m.backup_id.as_str();
     let mut check = BackupCheck {
         backup_id: id.to_string(),
         problems: Vec::new(),
         stored_bytes: 0,
-        files: 0,
+        files: m.files.len() as u64,
         pages_checked: 0,
         secs: 0.0,
     };
     let problem = |check: &'static str, detail: String| Problem { check, detail };
-    let m = match repo.load_manifest(id) {
-        Ok(m) => m,
-        Err(e) => {
-            check.problems.push(problem("manifest", e.to_string()));
-            check.secs = began.elapsed().as_secs_f64();
-            return check;
-        }
-    };
-    check.files = m.files.len() as u64;
     let key = repo.keyring().map(|k| k.chunk_key(&m.backup_id));
-    if let Err(e) = crate::chain::load_chain(repo, id) {
-        check.problems.push(problem("chain", e.to_string()));
+    if m.parent.is_some() {
+        if let Err(e) = crate::chain::load_chain(repo, id) {
+            check.problems.push(problem("chain", e.to_string()));
+        }
     }
     // Every WAL segment from the start to the stop must be in the backup.
     let seg = m.wal_segment_size;
@@ -412,7 +450,7 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
         }
     }
 
-    let streams = match open_streams(repo, &m) {
+    let streams = match open_streams(repo, m) {
         Ok(s) => s,
         Err(e) => {
             check.problems.push(problem("chunks", e.to_string()));
@@ -422,13 +460,13 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
     };
     let total: u64 = m.streams.iter().flat_map(|s| &s.chunks).map(|c| c.stored).sum();
     progress.start_phase("verify", total);
-    let index = PieceIndex::new(&m);
+    let index = PieceIndex::new(m);
     let checksummed: Vec<Option<u32>> = m
         .files
         .iter()
         .map(|f| if m.data_checksums { crate::checksum::segment_of_checksummed_file(&f.path) } else { None })
         .collect();
-    let outcome = for_each_chunk(&streams, &m, jobs, progress, None, |reader, stream, chunk, st: &mut VerifyState| {
+    let outcome = for_each_chunk(&streams, m, jobs, progress, None, |reader, stream, chunk, st: &mut VerifyState| {
         let meta = &m.streams[stream as usize].chunks[chunk as usize];
         let name = ChunkName { backup: &m.backup_id, stream: &m.streams[stream as usize].name, chunk };
         progress.add(meta.stored);
@@ -465,7 +503,7 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
             Ok(())
         };
         if let Err(e) = decode() {
-            st.problems.push(Problem { check: "chunks", detail: annotate(e, &m, stream, chunk).to_string() });
+            st.problems.push(Problem { check: "chunks", detail: annotate(e, m, stream, chunk).to_string() });
             st.damaged.push((stream, chunk));
         }
         Ok(())
@@ -489,7 +527,7 @@ pub fn verify_backup(repo: &Repo, id: &str, jobs: usize, progress: &Progress) ->
     }
     // File digests, for files without pieces in a damaged chunk (those are reported already).
     let healthy = |i: u32| !m.files[i as usize].chunks.iter().any(|c| damaged.contains(c));
-    for p in file_digest_problems(&m, digests, Some(&healthy)) {
+    for p in file_digest_problems(m, digests, Some(&healthy), PieceCheck::Digest) {
         check.problems.push(problem("files", p));
     }
     for c in &m.checksum_failures {

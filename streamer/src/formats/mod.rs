@@ -5,11 +5,13 @@
 //! - [`stream`]: stream files and the chunks inside them;
 //! - [`blkref`]: the changed-block summaries pg_blocktrack writes, and its state file;
 //! - [`backup_label`], [`pg_control`]: PostgreSQL's own files a backup reads;
-//! - [`lsn`]: LSNs and WAL file names.
+//! - [`lsn`]: LSNs and WAL file names;
+//! - [`pg_database`]: database names and OIDs, from a backup's copy of the catalog.
 
 pub mod backup_label;
 pub mod blkref;
 pub mod lsn;
 pub mod manifest;
 pub mod pg_control;
+pub mod pg_database;
 pub mod stream;

@@ -65,9 +65,20 @@ impl Take {
     }
 }
 
-/// For every backup of the chain (same order), the files (by index in that
-/// backup's manifest) and blocks it contributes to restoring the last one.
-pub fn resolve(chain: &[Manifest]) -> Vec<HashMap<u32, Take>> {
+/// Where every block of the restored files comes from.
+#[derive(Clone, Debug, Default)]
+pub struct Resolution {
+    /// For every backup of the chain (same order), the files (by index in
+    /// that backup's manifest) and blocks it contributes to restoring the last one.
+    pub take: Vec<HashMap<u32, Take>>,
+    /// Files of the last backup (by index) with blocks no backup stores:
+    /// they are zeros. A new file is zeros already; a delta restore must
+    /// write them over what the target held.
+    pub zeros: Vec<(u32, BlockSet)>,
+}
+
+/// Resolves the chain of the last backup: see [`Resolution`].
+pub fn resolve(chain: &[Manifest]) -> Resolution {
     let n = chain.len();
     let target = &chain[n - 1];
     let bs = target.block_size as u64;
@@ -78,6 +89,7 @@ pub fn resolve(chain: &[Manifest]) -> Vec<HashMap<u32, Take>> {
         })
         .collect();
     let mut plan: Vec<HashMap<u32, Take>> = vec![HashMap::new(); n];
+    let mut zeros = Vec::new();
     for (ti, tf) in target.files.iter().enumerate() {
         if tf.vanished {
             continue;
@@ -96,12 +108,14 @@ pub fn resolve(chain: &[Manifest]) -> Vec<HashMap<u32, Take>> {
                 break;
             }
         }
+        let mut none = BlockSet::default();
         for b in 0..tf.size.div_ceil(bs) as u32 {
+            let mut found = false;
             for &(k, fi, e) in &versions {
                 if b as u64 >= e.size.div_ceil(bs) {
                     break;
                 }
-                let found = match &e.incremental {
+                found = match &e.incremental {
                     None => true,
                     Some(inc) if inc.holds(b) => true,
                     Some(inc) if b >= inc.limit_block => break,
@@ -114,9 +128,15 @@ pub fn resolve(chain: &[Manifest]) -> Vec<HashMap<u32, Take>> {
                     break;
                 }
             }
+            if !found {
+                none.insert(b);
+            }
+        }
+        if !none.is_empty() {
+            zeros.push((ti as u32, none));
         }
     }
-    plan
+    Resolution { take: plan, zeros }
 }
 
 #[cfg(test)]
@@ -173,7 +193,7 @@ mod tests {
                 ("c", 4, Some(Incremental { limit_block: 4, runs: vec![] })),
             ],
         );
-        let plan = resolve(&[full, i1, i2]);
+        let Resolution { take: plan, zeros } = resolve(&[full, i1, i2]);
         // a: 3 and 11 from I2, 2 from I1, the rest of 0..10 from F, 10 is zeros (F's copy is shorter).
         assert_eq!(blocks(plan[2].get(&0)), vec![3, 11]);
         assert_eq!(blocks(plan[1].get(&0)), vec![2]);
@@ -185,5 +205,8 @@ mod tests {
         // c: whole in I1, nothing changed since.
         assert_eq!(blocks(plan[1].get(&2)), vec![0, 1, 2, 3]);
         assert!(!plan[0].contains_key(&2));
+        // Zeros: a's block 10 and b's block 6, nothing of c.
+        let z: Vec<(u32, Vec<u32>)> = zeros.iter().map(|(f, s)| (*f, s.iter().collect())).collect();
+        assert_eq!(z, vec![(0, vec![10]), (1, vec![6])]);
     }
 }

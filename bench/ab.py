@@ -3,7 +3,11 @@
 raw key file), interleaved, full backup and restore of pgbench scale
 --scale at -j --jobs, --reps rounds; prints every run and the medians.
 
-  python3 bench/ab.py A_BINARY B_BINARY [--scale 50] [--jobs 2] [--reps 5] [--b-key-file FILE]
+  python3 bench/ab.py A_BINARY B_BINARY [--scale 50] [--jobs 2] [--reps 5] [--b-key-file FILE] [--chain N]
+
+With --chain N, each binary takes one full backup, the cluster runs
+`pgbench -c 2 -t N`, each takes an incremental; the rounds then time
+restores of that chain only.
 
 Build the "before" binary from another commit with its own target
 directory, e.g. `git worktree add /tmp/old COMMIT && cargo build --release
@@ -37,6 +41,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--b-key-file", help="B backs up into an encrypted repository with this raw key file")
+    ap.add_argument("--chain", type=int, help="time chain restores (full + incremental after pgbench -t N)")
     a = ap.parse_args()
     stop(BASE / "data")
     fresh_dir(BASE)
@@ -51,6 +56,9 @@ def main():
         psql(PORT, "CHECKPOINT")
         res = {}
         key = ["--key-file", a.b_key_file] if a.b_key_file else []
+        if a.chain:
+            chain_rounds(a, data, key, res)
+            return report(a, key, res, ("restore",))
         for rep in range(a.reps):
             for name, exe, extra in (("A", a.a, []), ("B", a.b, key)):
                 repo = BASE / f"repo-{name}-{rep}"
@@ -65,8 +73,30 @@ def main():
                 shutil.rmtree(target)
     finally:
         stop(data)
-    print(f"A = {a.a}\nB = {a.b}{' with --key-file' if key else ''}; scale {a.scale}, -j {a.jobs}, {a.reps} rounds")
-    for op in ("backup", "restore"):
+    report(a, key, res, ("backup", "restore"))
+
+
+def chain_rounds(a, data, key, res):
+    """One chain per binary (full, pgbench -t N, incremental); the rounds restore it."""
+    binaries = (("A", a.a, []), ("B", a.b, key))
+    conn = ["-D", data, "-h", "/tmp", "-p", PORT, "-U", "postgres", "-j", a.jobs]
+    for kind in ("full", "incr"):
+        if kind == "incr":
+            sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-c", "2", "-t", a.chain, "postgres"])
+        for name, exe, extra in binaries:
+            sh([exe, "backup", *conn, "--repo", BASE / f"chain-{name}", "--type", kind, "--no-fallback", *extra])
+    target = BASE / "restored"
+    for rep in range(a.reps):
+        for name, exe, extra in binaries:
+            shutil.rmtree(target, ignore_errors=True)
+            s, _ = timed([exe, "restore", "--repo", BASE / f"chain-{name}", "-D", target, "-j", a.jobs, *extra])
+            res.setdefault(("restore", name), []).append(s)
+
+
+def report(a, key, res, ops):
+    what = f"chain restores after pgbench -t {a.chain}" if a.chain else "full backup and restore"
+    print(f"A = {a.a}\nB = {a.b}{' with --key-file' if key else ''}; scale {a.scale}, -j {a.jobs}, {a.reps} rounds, {what}")
+    for op in ops:
         ma, mb = statistics.median(res[(op, "A")]), statistics.median(res[(op, "B")])
         runs = lambda n: " ".join(f"{x:.3f}" for x in res[(op, n)])  # noqa: E731
         print(f"{op}: A {ma:.3f} s ({runs('A')}), B {mb:.3f} s ({runs('B')}), B/A {mb / ma:.2f}")

@@ -211,6 +211,7 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
     let target_state = in_place(check_dir(&opts.target, opts.force || opts.delta, "target directory", &postmasters)?);
     let mut replace = Vec::new();
     let mut changes_in_place = matches!(target_state, DirState::Replace | DirState::Delta);
+    let mut fresh_locations = Vec::new();
     for (oid, loc) in &locations {
         let named = opts.tablespace_map.iter().any(|(_, new)| new.trim_end_matches('/') == loc);
         let what = format!("tablespace {oid} location");
@@ -220,7 +221,7 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
                 changes_in_place = true;
             }
             Ok(DirState::Delta) => changes_in_place = true,
-            Ok(_) => {}
+            Ok(_) => fresh_locations.push(PathBuf::from(loc)),
             Err(Error::Conflict(msg)) if !named && msg.contains("is not empty") => {
                 return Err(Error::Conflict(format!(
                     "{what} \"{loc}\" is not empty: a tablespace is restored only into an absent or empty directory; map it elsewhere with --tablespace-map OLD=NEW, or name it with --tablespace-map {loc}={loc} and --force to replace its contents, or restore with --delta"
@@ -245,7 +246,8 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
     // 2. Before anything in place is removed or changed, every chunk that
     //    will be used is read and checked. Into a new or empty directory the
     //    chunks are checked as they are decoded instead, and read once: a
-    //    failure there leaves a directory without pg_control, which cannot start.
+    //    failure there empties the directory again (below), a kill leaves
+    //    it without pg_control, which cannot start.
     let t = Instant::now();
     let streams = chain.iter().map(|b| open_streams(&repo, b)).collect::<Result<Vec<_>>>()?;
     let (sparse, databases_excluded) = if opts.db_include.is_empty() {
@@ -278,125 +280,147 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
         prepare_target_as_root(&opts.target, target_state, u)?;
         privs::become_user(u)?;
     }
-    let mut removed = 0;
-    match target_state {
-        DirState::Absent => safe_fs::create_dir(&opts.target, 0o700)?,
-        DirState::Empty => {}
-        DirState::Replace => empty_dir(&opts.target)?,
-        DirState::Delta => removed += prune_for_delta(&opts.target, m, &locations)?,
-    }
-    for dir in &replace {
-        empty_dir(dir)?;
-    }
-    let t = Instant::now();
-    let old_sizes = create_layout(&opts.target, m, &locations, opts.jobs, opts.delta, &sparse)?;
-    let layout_secs = t.elapsed().as_secs_f64();
-    let target = opts.target.as_path();
-    let control_bytes = Mutex::new(vec![0u8; control.size as usize]);
-    let written = AtomicU64::new(0);
-    // Per file of the restored backup: whether a byte of it was written.
-    let touched: Vec<AtomicBool> = m.files.iter().map(|_| AtomicBool::new(false)).collect();
-    let n = chain.len();
-    for (k, (((b, take), chunks), readers)) in chain.iter().zip(&plan).zip(&needed).zip(&streams).enumerate() {
-        if chunks.is_empty() {
-            continue;
+    // A restore into a new or empty directory that fails takes back what it
+    // wrote, as pg_basebackup does; a killed one leaves no pg_control.
+    let outcome = (|| -> Result<RestoreReport> {
+        let mut removed = 0;
+        match target_state {
+            DirState::Absent => safe_fs::create_dir(&opts.target, 0o700)?,
+            DirState::Empty => {}
+            DirState::Replace => empty_dir(&opts.target)?,
+            DirState::Delta => removed += prune_for_delta(&opts.target, m, &locations)?,
         }
-        // A file's index in the restored backup, from its index in backup k.
-        let in_target: Option<HashMap<&str, usize>> = (k + 1 < n).then(|| {
-            m.files.iter().enumerate().filter(|(_, f)| !f.vanished).map(|(i, f)| (f.path.as_str(), i)).collect()
-        });
-        let bs = b.block_size as u64;
-        let digests = decode_chunks(readers, b, repo.keyring(), opts.jobs, progress, Some(chunks), opts.check, |p| {
-            let Some(t) = take.get(&p.file_index) else { return Ok(()) };
-            if p.file.path == CONTROL_FILE {
-                // Held back: written last.
-                let mut buf = control_bytes.lock().expect("no thread panics holding it");
-                let end = p.record.offset as usize + p.record.data.len();
-                if end > buf.len() {
-                    return Err(Error::Corrupt(format!(
-                        "backup {} stores bytes of {CONTROL_FILE} past its size",
-                        b.backup_id
-                    )));
+        for dir in &replace {
+            empty_dir(dir)?;
+        }
+        let t = Instant::now();
+        let old_sizes = create_layout(&opts.target, m, &locations, opts.jobs, opts.delta, &sparse)?;
+        let layout_secs = t.elapsed().as_secs_f64();
+        let target = opts.target.as_path();
+        let control_bytes = Mutex::new(vec![0u8; control.size as usize]);
+        let written = AtomicU64::new(0);
+        // Per file of the restored backup: whether a byte of it was written.
+        let touched: Vec<AtomicBool> = m.files.iter().map(|_| AtomicBool::new(false)).collect();
+        let n = chain.len();
+        for (k, (((b, take), chunks), readers)) in chain.iter().zip(&plan).zip(&needed).zip(&streams).enumerate() {
+            if chunks.is_empty() {
+                continue;
+            }
+            // A file's index in the restored backup, from its index in backup k.
+            let in_target: Option<HashMap<&str, usize>> = (k + 1 < n).then(|| {
+                m.files.iter().enumerate().filter(|(_, f)| !f.vanished).map(|(i, f)| (f.path.as_str(), i)).collect()
+            });
+            let bs = b.block_size as u64;
+            let digests =
+                decode_chunks(readers, b, repo.keyring(), opts.jobs, progress, Some(chunks), opts.check, |p| {
+                    let Some(t) = take.get(&p.file_index) else { return Ok(()) };
+                    if p.file.path == CONTROL_FILE {
+                        // Held back: written last.
+                        let mut buf = control_bytes.lock().expect("no thread panics holding it");
+                        let end = p.record.offset as usize + p.record.data.len();
+                        if end > buf.len() {
+                            return Err(Error::Corrupt(format!(
+                                "backup {} stores bytes of {CONTROL_FILE} past its size",
+                                b.backup_id
+                            )));
+                        }
+                        buf[p.record.offset as usize..end].copy_from_slice(p.record.data);
+                        return Ok(());
+                    }
+                    let ti = match &in_target {
+                        None => p.file_index as usize,
+                        Some(ix) => *ix.get(p.file.path.as_str()).expect("resolve takes only files the target has"),
+                    };
+                    let w = write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs, old_sizes[ti])?;
+                    if w > 0 {
+                        written.fetch_add(w, Ordering::Relaxed);
+                        touched[ti].store(true, Ordering::Relaxed);
+                    }
+                    crate::failpoint::hit("restore-record");
+                    Ok(())
+                })?;
+            check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)), opts.check)?;
+        }
+        if opts.delta {
+            // Blocks no backup stores are zeros, over whatever the target held there.
+            for (ti, blocks) in zeros.iter().filter(|(ti, _)| !sparse[*ti as usize]) {
+                let f = &m.files[*ti as usize];
+                let w = zero_blocks(target, &f.path, blocks, m.block_size as u64, f.size.min(old_sizes[*ti as usize]))?;
+                if w > 0 {
+                    written.fetch_add(w, Ordering::Relaxed);
+                    touched[*ti as usize].store(true, Ordering::Relaxed);
                 }
-                buf[p.record.offset as usize..end].copy_from_slice(p.record.data);
-                return Ok(());
-            }
-            let ti = match &in_target {
-                None => p.file_index as usize,
-                Some(ix) => *ix.get(p.file.path.as_str()).expect("resolve takes only files the target has"),
-            };
-            let w = write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs, old_sizes[ti])?;
-            if w > 0 {
-                written.fetch_add(w, Ordering::Relaxed);
-                touched[ti].store(true, Ordering::Relaxed);
-            }
-            crate::failpoint::hit("restore-record");
-            Ok(())
-        })?;
-        check_file_digests(b, digests, Some(&|fi| take.contains_key(&fi)), opts.check)?;
-    }
-    if opts.delta {
-        // Blocks no backup stores are zeros, over whatever the target held there.
-        for (ti, blocks) in zeros.iter().filter(|(ti, _)| !sparse[*ti as usize]) {
-            let f = &m.files[*ti as usize];
-            let w = zero_blocks(target, &f.path, blocks, m.block_size as u64, f.size.min(old_sizes[*ti as usize]))?;
-            if w > 0 {
-                written.fetch_add(w, Ordering::Relaxed);
-                touched[*ti as usize].store(true, Ordering::Relaxed);
             }
         }
-    }
-    let write_secs = t.elapsed().as_secs_f64() - layout_secs;
-    let files_unchanged = if opts.delta {
-        m.files
-            .iter()
-            .zip(&touched)
-            .zip(&old_sizes)
-            .filter(|((f, t), &old)| {
-                !f.vanished && f.path != CONTROL_FILE && !t.load(Ordering::Relaxed) && old == f.size
-            })
-            .count() as u64
-    } else {
-        0
-    };
+        let write_secs = t.elapsed().as_secs_f64() - layout_secs;
+        let files_unchanged = if opts.delta {
+            m.files
+                .iter()
+                .zip(&touched)
+                .zip(&old_sizes)
+                .filter(|((f, t), &old)| {
+                    !f.vanished && f.path != CONTROL_FILE && !t.load(Ordering::Relaxed) && old == f.size
+                })
+                .count() as u64
+        } else {
+            0
+        };
 
-    // 4. What recovery needs, then pg_control, then the disk.
-    if !as_backed_up {
-        write_recovery_files(&opts.target, &locations, m, opts)?;
+        // 4. What recovery needs, then pg_control, then the disk.
+        if !as_backed_up {
+            write_recovery_files(&opts.target, &locations, m, opts)?;
+        }
+        crate::failpoint::hit("restore-written");
+        let t = Instant::now();
+        sync_filesystem(&opts.target)?;
+        for (_, loc) in &locations {
+            sync_filesystem(Path::new(loc))?;
+        }
+        let control_mode = (control.mode & 0o640) | 0o600;
+        let global = opts.target.join("global");
+        safe_fs::write_durably(
+            &global,
+            "pg_control",
+            &control_bytes.into_inner().expect("not poisoned"),
+            control_mode,
+        )?;
+        let sync_secs = t.elapsed().as_secs_f64();
+        let bytes_restored: u64 = m.files.iter().filter(|f| !f.vanished).map(|f| f.size).sum();
+        let duration = began.elapsed().as_secs_f64();
+        Ok(RestoreReport {
+            backup_id: id,
+            chain: chain.iter().map(|b| b.backup_id.clone()).collect(),
+            target: opts.target.display().to_string(),
+            owner: owner.map(|u| u.name),
+            files: m.files.iter().filter(|f| !f.vanished).count() as u64,
+            bytes_restored,
+            bytes_stored,
+            bytes_written: written.into_inner() + control.size,
+            files_unchanged,
+            removed,
+            delta: opts.delta,
+            databases_excluded,
+            verify_secs,
+            layout_secs,
+            write_secs,
+            sync_secs,
+            duration_secs: duration,
+            throughput_mib_s: bytes_restored as f64 / (1 << 20) as f64 / duration.max(1e-9),
+            jobs: opts.jobs as u32,
+        })
+    })();
+    if outcome.is_err() {
+        if matches!(target_state, DirState::Absent | DirState::Empty) {
+            let _ = empty_dir(&opts.target);
+            if target_state == DirState::Absent {
+                let _ = fs::remove_dir(&opts.target);
+            }
+        }
+        for loc in &fresh_locations {
+            let _ = empty_dir(loc);
+        }
     }
-    crate::failpoint::hit("restore-written");
-    let t = Instant::now();
-    sync_filesystem(&opts.target)?;
-    for (_, loc) in &locations {
-        sync_filesystem(Path::new(loc))?;
-    }
-    let control_mode = (control.mode & 0o640) | 0o600;
-    let global = opts.target.join("global");
-    safe_fs::write_durably(&global, "pg_control", &control_bytes.into_inner().expect("not poisoned"), control_mode)?;
-    let sync_secs = t.elapsed().as_secs_f64();
-    let bytes_restored: u64 = m.files.iter().filter(|f| !f.vanished).map(|f| f.size).sum();
-    let duration = began.elapsed().as_secs_f64();
-    Ok(RestoreReport {
-        backup_id: id,
-        chain: chain.iter().map(|b| b.backup_id.clone()).collect(),
-        target: opts.target.display().to_string(),
-        owner: owner.map(|u| u.name),
-        files: m.files.iter().filter(|f| !f.vanished).count() as u64,
-        bytes_restored,
-        bytes_stored,
-        bytes_written: written.into_inner() + control.size,
-        files_unchanged,
-        removed,
-        delta: opts.delta,
-        databases_excluded,
-        verify_secs,
-        layout_secs,
-        write_secs,
-        sync_secs,
-        duration_secs: duration,
-        throughput_mib_s: bytes_restored as f64 / (1 << 20) as f64 / duration.max(1e-9),
-        jobs: opts.jobs as u32,
-    })
+    outcome
 }
 
 /// The databases of the restored backup, from its `pg_database`.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("PG_BINDIR", "/usr/lib/postgresql/15/bin"))
-BS = ROOT / "target" / "release" / "blockstream"
+BS = Path(os.environ.get("BLOCKSTREAM_BIN", ROOT / "target" / "release" / "blockstream"))
 BASE = Path("/tmp/blockstream-bench")
 PORT = 5470
 RPORT = 5471

@@ -18,9 +18,9 @@
 //!    [`crate::privs`]); repository files are opened before that.
 //! 3. What `--force` replaces is emptied; `--delta` removes `pg_control`
 //!    first, then what the backup does not hold. Directories, tablespace
-//!    links and files (sized with fallocate, so a full disk is an error and
-//!    never a SIGBUS on a mapped page) are created, and N threads decode
-//!    chunks and write each record through a memory map of its target file
+//!    links and files (sized with fallocate, so a full disk is an error at
+//!    once, not a short write later) are created, and N threads decode
+//!    chunks and write each record's runs of blocks with positioned writes
 //!    (with `--delta`, only the blocks that differ). Each record is one piece
 //!    of one file, so threads never write the same bytes. Every piece of
 //!    every file must be seen once (see [`PieceCheck`] for what checks the bytes).
@@ -39,8 +39,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
-
-use memmap2::MmapOptions;
 
 use crate::archive;
 use crate::blkref::BlockSet;
@@ -894,11 +892,6 @@ thread_local! {
     static OPEN: std::cell::RefCell<Option<(PathBuf, File)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Records of an older backup of the chain smaller than this are written
-/// with pwrite: mapping a few blocks costs more than copying them (an
-/// incremental stores many single blocks).
-const MAP_AT_LEAST: usize = 64 * 1024;
-
 /// Starts writeback of a range just written, so the final sync waits for little.
 fn start_writeback(file: &File, offset: u64, len: usize) {
     // SAFETY: sync_file_range on a descriptor we own; it only schedules I/O.
@@ -912,11 +905,39 @@ fn start_writeback(file: &File, offset: u64, len: usize) {
     }
 }
 
-/// Writes `runs` (byte ranges of `data`) at `offset` of `file` through a
-/// memory map of the record's range. Bytes of the file below `old` (which
-/// held data before a delta restore) are compared block by block, and only
-/// blocks that differ are written. Returns the bytes written.
-fn map_and_copy(
+/// Writes `runs` (byte ranges of `data`) at `offset` of `file`, one write
+/// each, and starts their writeback. Bytes outside `runs` are left
+/// untouched. Returns the bytes written.
+///
+/// Plain writes, not a memory map: on a file sized with fallocate each
+/// first touch of a mapped page zeroes it and dirties its buffers one page
+/// at a time (ext4's page_mkwrite), which made a restore at -j 1 spend
+/// three quarters of its time in the kernel; a write of whole pages does
+/// neither.
+fn write_runs(file: &File, path: &Path, offset: u64, data: &[u8], runs: &[(usize, usize)]) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut written = 0;
+    for &(from, to) in runs {
+        file.write_all_at(&data[from..to], offset + from as u64).map_err(Error::io("write", path))?;
+        written += (to - from) as u64;
+    }
+    if written > 0 {
+        start_writeback(file, offset, data.len());
+    }
+    Ok(written)
+}
+
+thread_local! {
+    /// A delta restore's buffer for the target's bytes under a record.
+    static OLD_BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A delta restore: writes `runs` (byte ranges of `data`) at `offset` of
+/// `file`, where the bytes below `old` held data before. Those are read
+/// with one read per record (a memory map would fault them in a page at a
+/// time) and compared block by block; only blocks that differ are written,
+/// consecutive ones in one write. Returns the bytes written.
+fn compare_and_write(
     file: &File,
     path: &Path,
     offset: u64,
@@ -925,36 +946,42 @@ fn map_and_copy(
     old: u64,
     bs: usize,
 ) -> Result<u64> {
-    // SAFETY: the file was created or opened by this restore and sized with
-    // fallocate, so every page of the range is backed by allocated blocks;
-    // no other process uses it (no server runs on the target), and no other
-    // thread writes the same bytes (each block of a restored file has
-    // exactly one source, and a backup's pieces do not overlap). Bytes
-    // outside `runs` are left untouched.
-    let mut map =
-        unsafe { MmapOptions::new().offset(offset).len(data.len()).map_mut(file) }.map_err(Error::io("map", path))?;
+    use std::os::unix::fs::FileExt;
     let compare_to = old.saturating_sub(offset).min(data.len() as u64) as usize;
-    let mut written = 0;
-    for &(from, to) in runs {
-        let mut at = from;
-        while at < to.min(compare_to) {
-            let end = (at + bs).min(to);
-            if map[at..end] != data[at..end] {
-                map[at..end].copy_from_slice(&data[at..end]);
-                written += end - at;
+    OLD_BYTES.with(|cell| {
+        let mut target = cell.borrow_mut();
+        target.resize(compare_to, 0);
+        file.read_exact_at(&mut target, offset).map_err(Error::io("read", path))?;
+        let mut written = 0;
+        let mut flush = |from: usize, to: usize| -> Result<()> {
+            if from < to {
+                file.write_all_at(&data[from..to], offset + from as u64).map_err(Error::io("write", path))?;
+                written += (to - from) as u64;
             }
-            at = end;
+            Ok(())
+        };
+        for &(from, to) in runs {
+            // `pending` starts a run of differing blocks not yet written.
+            let mut pending = None;
+            let mut at = from;
+            while at < to.min(compare_to) {
+                let end = (at + bs).min(to).min(compare_to);
+                if target[at..end] == data[at..end] {
+                    if let Some(p) = pending.take() {
+                        flush(p, at)?;
+                    }
+                } else if pending.is_none() {
+                    pending = Some(at);
+                }
+                at = end;
+            }
+            flush(pending.unwrap_or(at), to)?;
         }
-        if at < to {
-            map[at..to].copy_from_slice(&data[at..to]);
-            written += to - at;
+        if written > 0 {
+            start_writeback(file, offset, data.len());
         }
-    }
-    drop(map);
-    if written > 0 {
-        start_writeback(file, offset, data.len());
-    }
-    Ok(written as u64)
+        Ok(written)
+    })
 }
 
 /// Writes the blocks of a record that `take` assigns to this backup into the
@@ -964,43 +991,37 @@ fn write_record(target: &Path, rel: &str, offset: u64, data: &[u8], take: &Take,
     if data.is_empty() {
         return Ok(0);
     }
-    let path = target.join(rel);
-    if let Take::All = take {
-        // The common case (a whole file of the backup being restored): measured
-        // fastest as open, map, copy, unmap, start writeback, close.
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(Error::io("open", &path))?;
-        return map_and_copy(&file, &path, offset, data, &[(0, data.len())], old, bs as usize);
-    }
-    // The runs of blocks this backup is the newest source of.
-    let (first, nblocks) = (offset / bs, (data.len() as u64).div_ceil(bs));
-    let mut runs = Vec::new();
-    let mut k = 0;
-    while k < nblocks {
-        if !take.takes((first + k) as u32) {
-            k += 1;
-            continue;
+    let runs = match take {
+        Take::All => vec![(0, data.len())],
+        // The runs of blocks this backup is the newest source of.
+        Take::Blocks(_) => {
+            let (first, nblocks) = (offset / bs, (data.len() as u64).div_ceil(bs));
+            let mut runs = Vec::new();
+            let mut k = 0;
+            while k < nblocks {
+                if !take.takes((first + k) as u32) {
+                    k += 1;
+                    continue;
+                }
+                let run = k;
+                while k < nblocks && take.takes((first + k) as u32) {
+                    k += 1;
+                }
+                runs.push(((run * bs) as usize, ((k * bs) as usize).min(data.len())));
+            }
+            runs
         }
-        let run = k;
-        while k < nblocks && take.takes((first + k) as u32) {
-            k += 1;
-        }
-        runs.push(((run * bs) as usize, ((k * bs) as usize).min(data.len())));
-    }
+    };
     if runs.is_empty() {
         return Ok(0);
     }
+    let path = target.join(rel);
     with_open_file(&path, |file| {
-        if data.len() >= MAP_AT_LEAST || offset < old {
-            return map_and_copy(file, &path, offset, data, &runs, old, bs as usize);
+        if offset < old {
+            compare_and_write(file, &path, offset, data, &runs, old, bs as usize)
+        } else {
+            write_runs(file, &path, offset, data, &runs)
         }
-        use std::os::unix::fs::FileExt;
-        let mut written = 0;
-        for (from, to) in runs {
-            file.write_all_at(&data[from..to], offset + from as u64).map_err(Error::io("write", &path))?;
-            written += (to - from) as u64;
-        }
-        start_writeback(file, offset, data.len());
-        Ok(written)
     })
 }
 
@@ -1026,21 +1047,22 @@ fn zero_blocks(target: &Path, rel: &str, blocks: &BlockSet, bs: u64, old: u64) -
     let mut buf = vec![0u8; bs as usize];
     let zeros = vec![0u8; bs as usize];
     let mut written = 0;
-    with_open_file(&path, |file| {
-        for b in blocks.iter() {
-            let at = b as u64 * bs;
-            if at >= old {
-                break;
-            }
-            let len = bs.min(old - at) as usize;
-            file.read_exact_at(&mut buf[..len], at).map_err(Error::io("read", &path))?;
-            if buf[..len] != zeros[..len] {
-                file.write_all_at(&zeros[..len], at).map_err(Error::io("write", &path))?;
-                written += len as u64;
-            }
+    // Not through the thread's cached descriptor: this runs on the calling
+    // thread, which outlives the restore.
+    let file = OpenOptions::new().read(true).write(true).open(&path).map_err(Error::io("open", &path))?;
+    for b in blocks.iter() {
+        let at = b as u64 * bs;
+        if at >= old {
+            break;
         }
-        Ok(written)
-    })
+        let len = bs.min(old - at) as usize;
+        file.read_exact_at(&mut buf[..len], at).map_err(Error::io("read", &path))?;
+        if buf[..len] != zeros[..len] {
+            file.write_all_at(&zeros[..len], at).map_err(Error::io("write", &path))?;
+            written += len as u64;
+        }
+    }
+    Ok(written)
 }
 
 /// A delta restore, before anything is written: removes `global/pg_control`

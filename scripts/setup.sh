@@ -41,6 +41,10 @@ if ! grep -qs "^pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
   cargo pgrx init --pg15 "$PG_CONFIG"
 fi
 
+step "PostgreSQL 16, 17 and 18 (relocatable builds; the version tests run on them)"
+bash scripts/pg-versions.sh install 16 17 18
+bash scripts/pg-versions.sh pgrx-init
+
 step "Garage 2.5.0 (the S3-compatible store the object-storage tests run on)"
 if garage --version 2>/dev/null | grep -q ':2\.5\.0 '; then
   echo "present"

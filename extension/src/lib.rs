@@ -15,6 +15,7 @@ mod guc;
 mod jobs;
 mod paths;
 mod pglsn;
+mod pgver;
 mod progress;
 mod repository;
 mod slot;

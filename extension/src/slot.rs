@@ -10,6 +10,8 @@ use std::ffi::CString;
 use blockstream::lsn::Lsn;
 use pgrx::pg_sys;
 
+use crate::pgver;
+
 pub enum SlotState {
     Missing,
     /// Invalidated by max_slot_wal_keep_size: WAL it held may be gone.
@@ -31,9 +33,9 @@ pub fn inspect(name: &str) -> SlotState {
             return SlotState::Missing;
         }
         pg_sys::SpinLockAcquire(&mut (*s).mutex);
-        let (restart, invalidated_at) = ((*s).data.restart_lsn, (*s).data.invalidated_at);
+        let (restart, invalidated) = ((*s).data.restart_lsn, pgver::slot_invalidated(&(*s).data));
         pg_sys::SpinLockRelease(&mut (*s).mutex);
-        if restart == 0 && invalidated_at != 0 {
+        if invalidated {
             SlotState::Invalidated
         } else {
             SlotState::Holding(Lsn(restart))
@@ -47,7 +49,7 @@ pub fn create(name: &str) -> Lsn {
     let n = cname(name);
     // SAFETY: the sequence of pg_create_physical_replication_slot(name, true, false).
     unsafe {
-        pg_sys::ReplicationSlotCreate(n.as_ptr(), false, pg_sys::ReplicationSlotPersistency::RS_PERSISTENT, false);
+        pgver::slot_create(&n);
         pg_sys::ReplicationSlotReserveWal();
         pg_sys::ReplicationSlotMarkDirty();
         pg_sys::ReplicationSlotSave();
@@ -78,10 +80,10 @@ pub fn advance(name: &str, to: Lsn) -> bool {
     // set restart_lsn under the spinlock, mark dirty, release, recompute the
     // WAL every slot needs.
     unsafe {
-        pg_sys::ReplicationSlotAcquire(n.as_ptr(), true);
+        pgver::slot_acquire(&n);
         let s = pg_sys::MyReplicationSlot;
         pg_sys::SpinLockAcquire(&mut (*s).mutex);
-        let ok = !((*s).data.restart_lsn == 0 && (*s).data.invalidated_at != 0);
+        let ok = !pgver::slot_invalidated(&(*s).data);
         if ok && (*s).data.restart_lsn < to.0 {
             (*s).data.restart_lsn = to.0;
         }

@@ -9,10 +9,13 @@
 //! understood here, make the range a gap (the next backup must be full).
 //!
 //! The record layouts of storage_xlog.h, dbcommands_xlog.h and xlog_internal.h
-//! are not in pgrx's bindings; they are declared here for PostgreSQL 15.
+//! are not in pgrx's bindings; they are declared here, the same for
+//! PostgreSQL 15 to 18 (what differs between versions is in [`crate::pgver`]).
 
 use blockstream::blkref::{BlockRefTable, RelFork, FSM_FORK, INIT_FORK, MAIN_FORK, VM_FORK};
 use pgrx::pg_sys;
+
+use crate::pgver;
 
 const XLR_INFO_MASK: u8 = 0x0F;
 const XLR_SPECIAL_REL_UPDATE: u8 = 0x01;
@@ -152,24 +155,12 @@ pub unsafe fn summarize_record(reader: *mut pg_sys::XLogReaderState, table: &mut
         let rec = (*reader).record;
         let max_block_id = (*rec).max_block_id;
         for id in 0..=max_block_id {
-            let mut rnode = pg_sys::RelFileNode::default();
-            let mut fork: pg_sys::ForkNumber::Type = 0;
-            let mut blkno: pg_sys::BlockNumber = 0;
-            if !pg_sys::XLogRecGetBlockTagExtended(
-                reader,
-                id as u8,
-                &mut rnode,
-                &mut fork,
-                &mut blkno,
-                std::ptr::null_mut(),
-            ) {
+            let Some((r, fork, blkno)) = pgver::block_tag(reader, id as u8) else { continue };
+            if fork == FSM_FORK {
                 continue;
             }
-            if fork as u8 == FSM_FORK {
-                continue;
-            }
-            let r = RelFileNode { spc: rnode.spcNode.to_u32(), db: rnode.dbNode.to_u32(), rel: rnode.relNode.to_u32() };
-            table.mark_block(key(&r, fork as u8), blkno);
+            let r = RelFileNode { spc: r.spc, db: r.db, rel: r.rel };
+            table.mark_block(key(&r, fork), blkno);
         }
 
         let rmid = (*rec).header.xl_rmid as u32;
@@ -198,27 +189,10 @@ pub unsafe fn summarize_record(reader: *mut pg_sys::XLogReaderState, table: &mut
                 }
             }
             pg_sys::RmgrIds::RM_XACT_ID => {
-                let xop = info as u32 & pg_sys::XLOG_XACT_OPMASK;
-                let mut parsed = pg_sys::xl_xact_parsed_commit::default();
-                let dropped = if xop == pg_sys::XLOG_XACT_COMMIT || xop == pg_sys::XLOG_XACT_COMMIT_PREPARED {
-                    pg_sys::ParseCommitRecord(info, (*rec).main_data as *mut pg_sys::xl_xact_commit, &mut parsed);
-                    true
-                } else if xop == pg_sys::XLOG_XACT_ABORT || xop == pg_sys::XLOG_XACT_ABORT_PREPARED {
-                    let mut aborted = pg_sys::xl_xact_parsed_abort::default();
-                    pg_sys::ParseAbortRecord(info, (*rec).main_data as *mut pg_sys::xl_xact_abort, &mut aborted);
-                    parsed.nrels = aborted.nrels;
-                    parsed.xnodes = aborted.xnodes;
-                    true
-                } else {
-                    false
-                };
-                if dropped {
-                    for i in 0..parsed.nrels.max(0) as usize {
-                        let n = *parsed.xnodes.add(i);
-                        let r = RelFileNode { spc: n.spcNode.to_u32(), db: n.dbNode.to_u32(), rel: n.relNode.to_u32() };
-                        for fork in [MAIN_FORK, VM_FORK, INIT_FORK] {
-                            table.set_limit(key(&r, fork), 0);
-                        }
+                for f in pgver::dropped_relations(rec) {
+                    let r = RelFileNode { spc: f.spc, db: f.db, rel: f.rel };
+                    for fork in [MAIN_FORK, VM_FORK, INIT_FORK] {
+                        table.set_limit(key(&r, fork), 0);
                     }
                 }
                 return None;

@@ -78,17 +78,22 @@ fn changed(c: &Cluster, since: &str, until: &str) -> Vec<Row> {
         .collect()
 }
 
+/// The tablespace and database of a relation file's path.
+fn spc_db(path: &str) -> (u32, u32) {
+    if path.starts_with("global/") {
+        (1664, 0)
+    } else if path.starts_with("base/") {
+        (1663, path.split('/').nth(1).unwrap().parse().unwrap())
+    } else {
+        let parts: Vec<&str> = path.split('/').collect();
+        (parts[1].parse().unwrap(), parts[3].parse().unwrap())
+    }
+}
+
 fn reported_blocks(rows: &[Row]) -> BTreeSet<BlockRef> {
     let mut s = BTreeSet::new();
     for r in rows {
-        let (spc, dbid) = if r.path.starts_with("global/") {
-            (1664, 0)
-        } else if r.path.starts_with("base/") {
-            (1663, r.path.split('/').nth(1).unwrap().parse().unwrap())
-        } else {
-            let parts: Vec<&str> = r.path.split('/').collect();
-            (parts[1].parse().unwrap(), parts[3].parse().unwrap())
-        };
+        let (spc, dbid) = spc_db(&r.path);
         for &b in &r.blocks {
             s.insert((spc, dbid, r.rel, r.fork, b));
         }
@@ -192,6 +197,146 @@ fn oracle_changed_blocks_equal_wal_block_references() {
     let shrink = filenode(&c, "will_shrink");
     let blocks: u64 = c.sql("postgres", "SELECT pg_relation_size('will_shrink') / 8192").parse().unwrap();
     assert_eq!(rows_of(&rows, shrink, 0)[0].limit, Some(blocks));
+}
+
+/// The major version of the server binaries under test (PG_BINDIR).
+fn server_major() -> u32 {
+    let v = run_ok(std::process::Command::new(pg_bin("postgres")).arg("--version"));
+    // "postgres (PostgreSQL) 18.6"
+    let num = v.split_whitespace().last().unwrap();
+    num.split('.').next().unwrap().parse().unwrap()
+}
+
+/// Where the server's own WAL summarizer (PostgreSQL 17+) has summarized up to.
+fn server_summarized(c: &Cluster) -> String {
+    c.sql("postgres", "SELECT summarized_lsn FROM pg_get_wal_summarizer_state()")
+}
+
+/// On PostgreSQL 17 and later the server summarizes WAL too (`summarize_wal`,
+/// the summaries its own incremental backups use). Over the same workload,
+/// between two checkpoints, our changed blocks and limit blocks equal what
+/// the server's summaries hold (`pg_wal_summary_contents`, what pg_walsummary
+/// prints), block for block.
+#[test]
+fn changed_blocks_equal_the_servers_own_summaries() {
+    let major = server_major();
+    if major < 17 {
+        eprintln!("PostgreSQL {major} has no WAL summarizer of its own: nothing to compare with");
+        return;
+    }
+    let c = tracked_cluster("walsummary", "summarize_wal = on\n");
+    c.sql(
+        "postgres",
+        "CREATE TABLE will_change (id int PRIMARY KEY, v text);
+         CREATE TABLE will_shrink (id int, v text);
+         INSERT INTO will_change SELECT g, repeat('c', 100) FROM generate_series(1, 50000) g;
+         INSERT INTO will_shrink SELECT g, repeat('s', 100) FROM generate_series(1, 50000) g;",
+    );
+    c.sql("postgres", "VACUUM");
+    // Each range starts and ends at a checkpoint's redo pointer, where the
+    // server ends a summary; ours end where flush_summary is asked, just
+    // after. Between the two lie only the checkpoint's own records, which
+    // reference no block (autovacuum is off, nothing else runs).
+    c.sql("postgres", "CHECKPOINT");
+    let start = c.sql("postgres", "SELECT redo_lsn FROM pg_control_checkpoint()");
+    let a = flush(&c);
+    for sql in [
+        "UPDATE will_change SET v = 'changed' WHERE id % 37 = 0",
+        "CREATE TABLE will_grow AS SELECT g AS id, repeat('g', 300) AS v FROM generate_series(1, 30000) g",
+        "DELETE FROM will_shrink WHERE id > 10000",
+        "VACUUM will_shrink",
+        "TRUNCATE will_change",
+        "INSERT INTO will_change SELECT g, 'new' FROM generate_series(1, 1000) g",
+        "DROP TABLE will_grow",
+    ] {
+        c.sql("postgres", sql);
+    }
+    c.sql("postgres", "CHECKPOINT");
+    let end = c.sql("postgres", "SELECT redo_lsn FROM pg_control_checkpoint()");
+    let b = flush(&c);
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while c.sql("postgres", &format!("SELECT '{}'::pg_lsn >= '{end}'::pg_lsn", server_summarized(&c))) != "t" {
+        assert!(std::time::Instant::now() < until, "the server's summarizer did not reach {end} in 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The server's summaries inside [start, end] must cover it without a hole.
+    let summaries = c.sql(
+        "postgres",
+        &format!(
+            "SELECT tli, start_lsn, end_lsn FROM pg_available_wal_summaries() \
+             WHERE start_lsn >= '{start}' AND end_lsn <= '{end}' ORDER BY start_lsn"
+        ),
+    );
+    let ranges: Vec<Vec<String>> = summaries.lines().map(|l| l.split('|').map(String::from).collect()).collect();
+    assert!(!ranges.is_empty(), "no server summary between {start} and {end}");
+    assert_eq!(ranges[0][1], start, "the server's summaries: {summaries}");
+    assert_eq!(ranges.last().unwrap()[2], end, "the server's summaries: {summaries}");
+    for w in ranges.windows(2) {
+        assert_eq!(w[0][2], w[1][1], "a hole between the server's summaries: {summaries}");
+    }
+
+    let mut theirs = BTreeSet::new();
+    let mut their_limits = std::collections::BTreeMap::new();
+    for r in &ranges {
+        let rows = c.sql(
+            "postgres",
+            &format!(
+                "SELECT reltablespace, reldatabase, relfilenode, relforknumber, relblocknumber, is_limit_block \
+                 FROM pg_wal_summary_contents({}, '{}', '{}')",
+                r[0], r[1], r[2]
+            ),
+        );
+        for l in rows.lines() {
+            let f: Vec<&str> = l.split('|').collect();
+            let key = (
+                f[0].parse::<u32>().unwrap(),
+                f[1].parse::<u32>().unwrap(),
+                f[2].parse::<u32>().unwrap(),
+                f[3].parse::<u8>().unwrap(),
+            );
+            let blk: u64 = f[4].parse().unwrap();
+            if f[5] == "t" {
+                // Over several summaries the lowest limit holds (blocks past
+                // it in later summaries are listed on their own).
+                let e = their_limits.entry(key).or_insert(blk);
+                *e = (*e).min(blk);
+            } else if key.3 != 1 {
+                theirs.insert((key.0, key.1, key.2, key.3, blk));
+            }
+        }
+    }
+    let rows = changed(&c, &a, &b);
+    let ours = reported_blocks(&rows);
+    assert!(theirs.len() > 500, "the workload touched only {} blocks", theirs.len());
+    let missing: Vec<_> = theirs.difference(&ours).take(5).collect();
+    assert!(missing.is_empty(), "blocks in the server's summaries but not ours, e.g. {missing:?}");
+    // The one difference: when a fork is truncated or dropped, the server
+    // forgets the blocks at or past the new end that changed before (the
+    // fork ends there); ours keeps them (the limit already says older
+    // copies end there, so both rebuild the same file). Every other block
+    // must be in both.
+    let superseded = |k: &BlockRef| their_limits.get(&(k.0, k.1, k.2, k.3)).is_some_and(|&l| k.4 >= l);
+    let extra: Vec<_> = ours.difference(&theirs).filter(|k| !superseded(k)).take(5).collect();
+    assert!(extra.is_empty(), "blocks in ours but not the server's summaries, e.g. {extra:?}");
+    assert!(ours.difference(&theirs).any(superseded), "the workload truncates and drops: some blocks are superseded");
+
+    // Limits: every main fork the server saw created, truncated or dropped
+    // has the same limit in ours. (A visibility map's limit is 0 in ours
+    // whenever its relation is truncated: backups copy it whole.)
+    let key_of = |r: &Row| {
+        let (spc, db) = spc_db(&r.path);
+        (spc, db, r.rel, r.fork)
+    };
+    let our_limits: std::collections::BTreeMap<_, _> =
+        rows.iter().filter_map(|r| r.limit.map(|l| (key_of(r), l))).collect();
+    assert!(their_limits.keys().any(|k| k.3 == 0), "the workload truncates: the server records limits");
+    for (k, l) in &their_limits {
+        if k.3 != 0 {
+            continue;
+        }
+        assert_eq!(our_limits.get(k), Some(l), "limit block of {k:?}: the server's {l}, ours {:?}", our_limits.get(k));
+    }
 }
 
 #[test]
@@ -301,7 +446,8 @@ fn set_tablespace_moves_to_a_new_file_with_limit_zero() {
     let spc = c.sql("postgres", "SELECT oid FROM pg_tablespace WHERE spcname = 'ts'");
     let rows = changed(&c, &a, &b);
     let n = rows_of(&rows, new, 0);
-    assert!(n[0].path.starts_with(&format!("pg_tblspc/{spc}/PG_15_")), "{n:?}");
+    let major = c.sql("postgres", "SELECT current_setting('server_version_num')::int / 10000");
+    assert!(n[0].path.starts_with(&format!("pg_tblspc/{spc}/PG_{major}_")), "{n:?}");
     assert!(n[0].limit == Some(0) && n[0].full_copy);
     let o = rows_of(&rows, old, 0);
     assert!(o[0].limit == Some(0), "{o:?}");
@@ -536,9 +682,14 @@ fn every_gap_cause_moves_the_unbroken_range() {
         assert!(std::time::Instant::now() < until, "no promotion");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The summarizer may have run during the archive recovery (it starts
+    // once the server is consistent): it starts over on the new timeline.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while c.sql("postgres", "SELECT timeline FROM blocktrack.status()") != "2" {
+        assert!(std::time::Instant::now() < until, "the summarizer never moved to timeline 2");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     wait_for_summarizer(&c);
-    let tl = c.sql("postgres", "SELECT timeline FROM blocktrack.status()");
-    assert_eq!(tl, "2");
     assert!(after(&c, &a), "timeline switch: valid since {}", valid(&c));
     let row =
         c.sql("postgres", &format!("SELECT incremental_ok, reason FROM blocktrack.backup_start('tl', true, '{a}', 1)"));

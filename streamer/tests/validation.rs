@@ -313,3 +313,72 @@ fn drill_passes_and_is_remembered() {
     assert_eq!(first["last_drill"]["ok"], false, "the latest drill of that backup failed its user check");
     assert!(bs_ok(&["info", "--repo", repo.to_str().unwrap()]).contains("last drill"));
 }
+
+/// The major version of the binaries in `bindir`, from `pg_ctl --version`.
+fn major_of(bindir: &Path) -> Option<u32> {
+    let out = std::process::Command::new(bindir.join("pg_ctl")).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace().skip_while(|w| *w != "(PostgreSQL)").nth(1)?.split('.').next()?.parse().ok()
+}
+
+/// A backup of one major version is refused by a drill given another
+/// major's binaries, before anything is restored, naming both versions; a
+/// plain restore started by another major's pg_ctl is refused by the server.
+#[test]
+fn another_major_version_is_refused() {
+    let this = major_of(pg_bin("pg_ctl").parent().unwrap()).expect("the binaries under test have a version");
+    let other = [
+        "/usr/lib/postgresql/15/bin",
+        "/opt/blockstream/pg/16/bin",
+        "/opt/blockstream/pg/17/bin",
+        "/opt/blockstream/pg/18/bin",
+    ]
+    .iter()
+    .map(Path::new)
+    .find(|d| major_of(d).is_some_and(|m| m != this))
+    .expect("another PostgreSQL major version is installed (scripts/setup.sh unpacks 18 beside Debian's 15)");
+    let other_major = major_of(other).unwrap();
+    let (base, c) = source("othermajor");
+    c.sql("postgres", "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    let repo = base.join("repo");
+    let id = backup(&c, &repo, &[])["backup_id"].as_str().unwrap().to_string();
+
+    let drill_dir = base.join("drill");
+    let (code, _, err) = bs(&[
+        "drill",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--pg-bindir",
+        other.to_str().unwrap(),
+        "--dir",
+        drill_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("holds PostgreSQL {other_major}, but backup {id} is of PostgreSQL {this}")), "{err}");
+    assert!(!drill_dir.join("data").exists(), "nothing is restored before the refusal");
+
+    let target = base.join("restored");
+    bs_ok(&["restore", "--repo", repo.to_str().unwrap(), "-D", target.to_str().unwrap()]);
+    let log = base.join("other.log");
+    chown_postgres(&base);
+    let out =
+        run(std::process::Command::new("runuser").args(["-u", "postgres", "--"]).arg(other.join("pg_ctl")).args([
+            "-D",
+            target.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+            "-o",
+            "-p 5999",
+            "-w",
+            "-t",
+            "30",
+            "start",
+        ]));
+    assert!(!out.status.success(), "PostgreSQL {other_major} started a PostgreSQL {this} data directory");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("incompatible with server")
+            && text.contains(&format!("initialized by PostgreSQL version {this}")),
+        "{text}"
+    );
+}

@@ -43,6 +43,34 @@ fn pg_bindir(a: &DrillArgs, pg_version_num: u32) -> PathBuf {
     PathBuf::from(format!("/usr/lib/postgresql/{}/bin", pg_version_num / 10000))
 }
 
+/// A data directory of one major version starts only under that major's
+/// server: refuse before restoring anything, naming both.
+fn check_major(bindir: &Path, id: &str, pg_version_num: u32) -> anyhow::Result<()> {
+    let pg_ctl = bindir.join("pg_ctl");
+    let out = std::process::Command::new(&pg_ctl)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("could not run \"{}\"", pg_ctl.display()))?;
+    // "pg_ctl (PostgreSQL) 18.6" (or "... 18.6 (Debian ...)")
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .split_whitespace()
+        .skip_while(|w| *w != "(PostgreSQL)")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok())
+        .with_context(|| format!("\"{} --version\" printed no version: {}", pg_ctl.display(), text.trim()))?;
+    if major != pg_version_num / 10000 {
+        return Err(blockstream::Error::Usage(format!(
+            "--pg-bindir (or PG_BINDIR) \"{}\" holds PostgreSQL {major}, but backup {id} is of PostgreSQL {}: a data directory starts only under its own major version",
+            bindir.display(),
+            pg_version_num / 10000
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// What one drill found.
 #[derive(Default)]
 struct Findings {
@@ -100,6 +128,7 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
     if !bindir.join("pg_ctl").exists() {
         bail!("no pg_ctl in \"{}\": give the PostgreSQL binaries with --pg-bindir", bindir.display());
     }
+    check_major(&bindir, &id, manifest.pg_version_num)?;
     let base = match &a.dir {
         Some(d) => std::path::absolute(d).unwrap_or(d.clone()),
         None => std::env::temp_dir().join(format!("blockstream-drill-{id}-{}", std::process::id())),

@@ -54,6 +54,9 @@ bash scripts/garage.sh stop
 step "incremental backup tests (real clusters)"
 cargo test --release -p blockstream --test incremental -- --test-threads=1
 
+step "backups from a streaming standby (full and incremental under pgbench on the primary, promotion)"
+cargo test --release -p blockstream --test standby -- --test-threads=1
+
 step "restore modes (--delta over a diverged data directory, killed and rerun; --db-include)"
 cargo test --release -p blockstream --test restore_modes -- --test-threads=1
 
@@ -71,6 +74,10 @@ cargo test --release -p blockstream --test faults -- --test-threads=1
 
 step "WAL archive and PITR tests (archive-push sync and async, every recovery target, timelines, gaps, wal-receive)"
 cargo test --release -p blockstream --test pitr -- --test-threads=1
+
+# PostgreSQL 18 on every run; 16 and 17 (and all three) with
+# `bash scripts/test-versions.sh`, documented in the README.
+bash scripts/test-versions.sh 18
 
 step "benchmark harness, quick mode (keeps bench/ from rotting; figures come from the full run)"
 python3 bench/bench.py --quick

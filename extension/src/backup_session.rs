@@ -45,8 +45,15 @@ fn slot_name() -> String {
     format!("blocktrack_backup_{}", unsafe { pg_sys::MyProcPid })
 }
 
+/// Runs a SELECT for its effect, through read-only SPI (as every query
+/// here: a standby cannot assign the transaction id a modifying SPI call
+/// takes, and none of these changes a table).
+fn select(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<(), pgrx::spi::SpiError> {
+    Spi::connect(|client| client.select(query, None, args).map(|_| ()))
+}
+
 fn spi_text(query: &str, args: &[pgrx::datum::DatumWithOid]) -> String {
-    match Spi::get_one_with_args::<String>(query, args) {
+    match Spi::connect(|client| client.select(query, Some(1), args)?.first().get_one::<String>()) {
         Ok(Some(s)) => s,
         Ok(None) => error!("\"{query}\" returned NULL"),
         Err(e) => error!("\"{query}\" failed: {e}"),
@@ -89,13 +96,13 @@ pub fn start(label: Option<&str>, fast: bool) -> Started {
     }
     let slot = slot_name();
     // A slot left by an earlier backup of this session is ours to replace.
-    Spi::run_with_args(
+    select(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
          WHERE slot_name = $1 AND temporary AND active_pid = pg_backend_pid()",
         &[slot.as_str().into()],
     )
     .unwrap_or_else(|e| error!("could not drop replication slot \"{slot}\": {e}"));
-    Spi::run_with_args("SELECT pg_create_physical_replication_slot($1, true, true)", &[slot.as_str().into()])
+    select("SELECT pg_create_physical_replication_slot($1, true, true)", &[slot.as_str().into()])
         .unwrap_or_else(|e| error!("could not create temporary replication slot \"{slot}\": {e}"));
     let lsn = spi_text("SELECT pg_backup_start($1, $2)::text", &[label.into(), fast.into()]);
     let lsn: Lsn = lsn.parse().unwrap_or_else(|e| error!("pg_backup_start returned \"{lsn}\": {e}"));
@@ -118,10 +125,16 @@ pub fn stop(wait_for_archive: bool) -> Stopped {
             Some("call blocktrack.backup_start() first, in the same session"),
         );
     }
-    let row = Spi::get_three_with_args::<String, String, String>(
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop($1)",
-        &[wait_for_archive.into()],
-    )
+    let row = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop($1)",
+                Some(1),
+                &[wait_for_archive.into()],
+            )?
+            .first()
+            .get_three::<String, String, String>()
+    })
     .unwrap_or_else(|e| error!("pg_backup_stop failed: {e}"));
     let (Some(lsn), Some(labelfile), spcmapfile) = row else { error!("pg_backup_stop returned NULL") };
     let lsn: Lsn = lsn.parse().unwrap_or_else(|e| error!("pg_backup_stop returned \"{lsn}\": {e}"));

@@ -43,9 +43,11 @@ pub fn register() {
         .set_type("pg_blocktrack summarizer")
         .set_library("pg_blocktrack")
         .set_function("blocktrack_summarizer_main")
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(5)))
         .enable_spi_access()
+        // After enable_spi_access, which sets RecoveryFinished: a standby
+        // summarizes the WAL it replays, so backups can read from it.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(Duration::from_secs(5)))
         .load();
 }
 
@@ -157,10 +159,9 @@ impl Summarizer {
         let dir = summaries_dir();
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| error!("could not create \"{}\": {e}", dir.display()));
         let slot = guc::slot_name();
-        let mut timeline: pg_sys::TimeLineID = 0;
-        // SAFETY: plain reads of shared state.
-        let (system_identifier, flush) =
-            unsafe { (pg_sys::GetSystemIdentifier(), Lsn(pg_sys::GetFlushRecPtr(&mut timeline))) };
+        // SAFETY: a plain read of the control data.
+        let system_identifier = unsafe { pg_sys::GetSystemIdentifier() };
+        let (flush, timeline) = crate::tracking::wal_end();
         let prior = match TrackerState::load(&base) {
             Ok(p) => p,
             Err(e) => {
@@ -325,8 +326,11 @@ impl Summarizer {
                     };
                     error!("pg_blocktrack: could not read WAL at {}: {msg}", self.next);
                 }
-                // Caught up with the flushed WAL.
+                // Caught up with the flushed (or replayed) WAL.
                 self.publish();
+                if self.timeline_changed() {
+                    return Stop::Restart;
+                }
                 let due = self.flush_requested() || self.interval_passed();
                 if self.next > self.summary_start && due && !self.flush() {
                     return Stop::Restart;
@@ -365,10 +369,29 @@ impl Summarizer {
             let full = self.table.memory() > guc::MAX_SUMMARY_MEMORY.get() as usize * 1024 * 1024;
             // SAFETY: as above.
             let switch = unsafe { is_segment_switch(self.reader) };
-            if (full || switch || self.flush_requested() || self.interval_passed()) && !self.flush() {
+            if (full || switch || self.flush_requested() || self.interval_passed())
+                && (self.timeline_changed() || !self.flush())
+            {
                 return Stop::Restart;
             }
         }
+    }
+
+    /// A standby was promoted (or followed a new timeline) since open():
+    /// what the reader returned may lie past the switch point, so nothing
+    /// of it is written; the next open() records the gap and starts over on
+    /// the new timeline.
+    fn timeline_changed(&self) -> bool {
+        let (_, tli) = crate::tracking::wal_end();
+        if tli != self.timeline {
+            log!(
+                "pg_blocktrack: the timeline changed from {} to {tli} at {}; tracking starts over",
+                self.timeline,
+                self.next
+            );
+            return true;
+        }
+        false
     }
 
     fn flush_requested(&self) -> bool {

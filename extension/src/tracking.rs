@@ -19,14 +19,23 @@ pub fn tablespace_dir() -> String {
 }
 
 pub fn flush_lsn() -> Lsn {
-    // SAFETY: plain reads of shared state; on a standby the replay position.
-    unsafe {
+    wal_end().0
+}
+
+/// The end of WAL this server has, and its timeline: what is flushed on a
+/// primary, what is replayed on a standby (WAL received but not replayed yet
+/// may still be overwritten by a restart of the stream).
+pub fn wal_end() -> (Lsn, u32) {
+    let mut tli: pg_sys::TimeLineID = 0;
+    // SAFETY: plain reads of shared state.
+    let lsn = unsafe {
         if pg_sys::RecoveryInProgress() {
-            Lsn(pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()))
+            pg_sys::GetXLogReplayRecPtr(&mut tli)
         } else {
-            Lsn(pg_sys::GetFlushRecPtr(std::ptr::null_mut()))
+            pg_sys::GetFlushRecPtr(&mut tli)
         }
-    }
+    };
+    (Lsn(lsn), tli)
 }
 
 /// Asks the summarizer for a summary ending at or after `lsn` and waits for

@@ -1190,6 +1190,16 @@ fn write_recovery_files(target: &Path, locations: &[(u32, String)], m: &Manifest
         write("tablespace_map", map.as_bytes(), false)?;
     }
     write("recovery.signal", b"", false)?;
+    // A backup taken from a standby holds its standby.signal: without it the
+    // restored cluster recovers to the backup's end (or the target) and is
+    // promoted, as from a primary's backup. Create it again to make a standby.
+    let standby = target.join("standby.signal");
+    match fs::remove_file(&standby) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::Io { op: "remove", path: standby, source: e })
+        }
+        _ => {}
+    }
     let mut conf = format!(
         "\n# added by blockstream restore of backup {} at {}\n",
         m.backup_id,

@@ -199,14 +199,6 @@ fn oracle_changed_blocks_equal_wal_block_references() {
     assert_eq!(rows_of(&rows, shrink, 0)[0].limit, Some(blocks));
 }
 
-/// The major version of the server binaries under test (PG_BINDIR).
-fn server_major() -> u32 {
-    let v = run_ok(std::process::Command::new(pg_bin("postgres")).arg("--version"));
-    // "postgres (PostgreSQL) 18.6"
-    let num = v.split_whitespace().last().unwrap();
-    num.split('.').next().unwrap().parse().unwrap()
-}
-
 /// Where the server's own WAL summarizer (PostgreSQL 17+) has summarized up to.
 fn server_summarized(c: &Cluster) -> String {
     c.sql("postgres", "SELECT summarized_lsn FROM pg_get_wal_summarizer_state()")

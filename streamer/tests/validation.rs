@@ -314,19 +314,12 @@ fn drill_passes_and_is_remembered() {
     assert!(bs_ok(&["info", "--repo", repo.to_str().unwrap()]).contains("last drill"));
 }
 
-/// The major version of the binaries in `bindir`, from `pg_ctl --version`.
-fn major_of(bindir: &Path) -> Option<u32> {
-    let out = std::process::Command::new(bindir.join("pg_ctl")).arg("--version").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.split_whitespace().skip_while(|w| *w != "(PostgreSQL)").nth(1)?.split('.').next()?.parse().ok()
-}
-
 /// A backup of one major version is refused by a drill given another
 /// major's binaries, before anything is restored, naming both versions; a
 /// plain restore started by another major's pg_ctl is refused by the server.
 #[test]
 fn another_major_version_is_refused() {
-    let this = major_of(pg_bin("pg_ctl").parent().unwrap()).expect("the binaries under test have a version");
+    let this = server_major();
     let other = [
         "/usr/lib/postgresql/15/bin",
         "/opt/blockstream/pg/16/bin",

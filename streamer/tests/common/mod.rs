@@ -15,6 +15,19 @@ pub fn pg_bin(name: &str) -> PathBuf {
     Path::new(&dir).join(name)
 }
 
+/// The major version of the PostgreSQL binaries in `bindir`, from `pg_ctl --version`
+/// ("pg_ctl (PostgreSQL) 18.6", or "... 15.20 (Debian ...)").
+pub fn major_of(bindir: &Path) -> Option<u32> {
+    let out = Command::new(bindir.join("pg_ctl")).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace().skip_while(|w| *w != "(PostgreSQL)").nth(1)?.split('.').next()?.parse().ok()
+}
+
+/// The major version of the binaries under test (PG_BINDIR).
+pub fn server_major() -> u32 {
+    major_of(pg_bin("pg_ctl").parent().unwrap()).expect("the binaries under test print their version")
+}
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }

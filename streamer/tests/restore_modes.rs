@@ -17,19 +17,6 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// pgbench's invariant: the balances of accounts, tellers and branches sum
-/// to the same number. (The history holds only the last run's deltas:
-/// pgbench empties it when it starts.)
-fn pgbench_consistent(c: &Cluster, what: &str) {
-    let sums = c.sql(
-        "postgres",
-        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || (SELECT sum(tbalance) FROM pgbench_tellers) \
-         || ' ' || (SELECT sum(bbalance) FROM pgbench_branches)",
-    );
-    let v: Vec<&str> = sums.split(' ').collect();
-    assert!(v.len() == 3 && v.iter().all(|x| *x == v[0]), "{what}: pgbench balances disagree: {sums}");
-}
-
 /// Bytes of `backup` (a restored data directory) that `other` does not
 /// have: 8 kB blocks that differ, and the whole of files it lacks. The
 /// files every restore writes itself are left out.
@@ -130,7 +117,7 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
     back.start();
     back.wait_promoted();
     assert_same_dump(&at_backup, &back.dumpall(), "delta restore over the diverged cluster");
-    pgbench_consistent(&back, "delta restore");
+    assert_pgbench_balances(&back, "delta restore");
     assert_amcheck_clean(&back, "delta restore");
     back.stop();
 
@@ -190,7 +177,7 @@ fn delta_killed_midway_cannot_start_and_a_rerun_completes() {
     back.start();
     back.wait_promoted();
     assert_same_dump(&at_backup, &back.dumpall(), "delta rerun after a kill");
-    pgbench_consistent(&back, "delta rerun");
+    assert_pgbench_balances(&back, "delta rerun");
     back.stop();
 }
 
@@ -385,7 +372,7 @@ fn merge_makes_a_full_backup_that_restores_like_the_chain() {
     assert_eq!(ids(&repo), vec![(merged.clone(), "full".to_string())]);
     let c = restore_and_start("merged-restored", &repo, &base, 2, &[]);
     assert_same_dump(&at_backup, &c.dumpall(), "restore of the merged backup after expire");
-    pgbench_consistent(&c, "merged backup");
+    assert_pgbench_balances(&c, "merged backup");
     assert_amcheck_clean(&c, "merged backup");
     c.stop();
     src.stop();

@@ -55,16 +55,6 @@ fn checkpoint(primary: &Cluster, standby: &Cluster) {
     caught_up(primary, standby);
 }
 
-fn balances_agree(c: &Cluster, what: &str) {
-    let sums = c.sql(
-        "postgres",
-        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || (SELECT sum(tbalance) FROM pgbench_tellers) \
-         || ' ' || (SELECT sum(bbalance) FROM pgbench_branches)",
-    );
-    let v: Vec<&str> = sums.split(' ').collect();
-    assert!(v[0] == v[1] && v[1] == v[2], "{what}: balances disagree: {sums}");
-}
-
 #[test]
 fn backups_from_a_standby_restore_and_a_promotion_falls_back_to_full() {
     let base = scratch("standby");
@@ -99,7 +89,7 @@ fn backups_from_a_standby_restore_and_a_promotion_falls_back_to_full() {
     let restored = restore_and_start("restored", &repo, &base, 2, &[]);
     assert!(!restored.data.join("standby.signal").exists(), "a restore recovers and is promoted, not a standby");
     assert_eq!(restored.sql("postgres", "SELECT pg_is_in_recovery()"), "f");
-    balances_agree(&restored, "chain taken from the standby under pgbench");
+    assert_pgbench_balances(&restored, "chain taken from the standby under pgbench");
     assert_amcheck_clean(&restored, "chain taken from the standby under pgbench");
     let restored_history: u64 = restored.sql("postgres", "SELECT count(*) FROM pgbench_history").parse().unwrap();
     assert!(restored_history > 0, "pgbench's transactions up to the backup are there");

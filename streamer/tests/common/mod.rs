@@ -302,6 +302,19 @@ pub fn restore_and_start(name: &str, repo: &Path, base: &Path, jobs: u32, extra:
     c
 }
 
+/// pgbench's invariant: the balances of accounts, tellers and branches sum
+/// to the same number. (The history holds only the last run's deltas:
+/// pgbench empties it when it starts.)
+pub fn assert_pgbench_balances(c: &Cluster, what: &str) {
+    let sums = c.sql(
+        "postgres",
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || (SELECT sum(tbalance) FROM pgbench_tellers) \
+         || ' ' || (SELECT sum(bbalance) FROM pgbench_branches)",
+    );
+    let v: Vec<&str> = sums.split(' ').collect();
+    assert!(v.len() == 3 && v.iter().all(|x| *x == v[0]), "{what}: pgbench balances disagree: {sums}");
+}
+
 /// pg_amcheck finds no corrupt index or heap in any database (heapallindexed).
 pub fn assert_amcheck_clean(c: &Cluster, what: &str) {
     let amcheck =

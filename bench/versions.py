@@ -10,7 +10,7 @@ on 17+), pgbench -i at --scale, then a full backup by each tool, `pgbench -c
 2 -t --incr-tx`, an incremental by each tool that has one, the server
 stopped, and the restore: ours of the chain at -j --jobs into an empty
 directory (synced), PostgreSQL's `pg_combinebackup` of full + incremental
-(it syncs too). pg_basebackup writes plain format (pg_combinebackup reads
+(it syncs too), each after a sync of what came before. pg_basebackup writes plain format (pg_combinebackup reads
 nothing else), uncompressed, `-X fetch -c fast`. pgBackRest 2.45 supports
 PostgreSQL up to 15 only: bench.py compares with it there.
 
@@ -79,11 +79,14 @@ def one_round(v, a):
     finally:
         sh([b / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], user="postgres", check=False)
     target = base / "restored"
+    # Neither restore pays for the other's writeback, nor for the backups'.
+    os.sync()
     r["restore"], r["restore_rss"] = timed([BS, "restore", "--repo", repo, "-D", target, "-j", a.jobs],
                                            user="postgres")
     shutil.rmtree(target)
     if v >= 17:
         out = base / "combined"
+        os.sync()
         r["combine"], _ = timed([b / "pg_combinebackup", full, base / "pgb-incr", "-o", out], user="postgres")
         shutil.rmtree(out)
     shutil.rmtree(base)

@@ -45,12 +45,15 @@ fn pg_bindir(a: &DrillArgs, pg_version_num: u32) -> PathBuf {
 
 /// A data directory of one major version starts only under that major's
 /// server: refuse before restoring anything, naming both.
-fn check_major(bindir: &Path, id: &str, pg_version_num: u32) -> anyhow::Result<()> {
+/// `pg_ctl --version` runs as the drill's user, as everything after it does.
+fn check_major(bindir: &Path, id: &str, pg_version_num: u32, owner: &User) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
     let pg_ctl = bindir.join("pg_ctl");
-    let out = std::process::Command::new(&pg_ctl)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("could not run \"{}\"", pg_ctl.display()))?;
+    let mut cmd = Command::new(&pg_ctl);
+    if privs::is_root() {
+        cmd.uid(owner.uid).gid(owner.gid);
+    }
+    let out = cmd.arg("--version").output().with_context(|| format!("could not run \"{}\"", pg_ctl.display()))?;
     // "pg_ctl (PostgreSQL) 18.6" (or "... 18.6 (Debian ...)")
     let text = String::from_utf8_lossy(&out.stdout);
     let major = text
@@ -128,7 +131,7 @@ pub fn drill(a: DrillArgs) -> anyhow::Result<ExitCode> {
     if !bindir.join("pg_ctl").exists() {
         bail!("no pg_ctl in \"{}\": give the PostgreSQL binaries with --pg-bindir", bindir.display());
     }
-    check_major(&bindir, &id, manifest.pg_version_num)?;
+    check_major(&bindir, &id, manifest.pg_version_num, &owner)?;
     let base = match &a.dir {
         Some(d) => std::path::absolute(d).unwrap_or(d.clone()),
         None => std::env::temp_dir().join(format!("blockstream-drill-{id}-{}", std::process::id())),

@@ -643,8 +643,19 @@ fn every_gap_cause_moves_the_unbroken_range() {
     let c = tracked_cluster("gapcauses", "");
     c.sql("postgres", "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
     let valid = |c: &Cluster| c.sql("postgres", "SELECT valid_since_lsn::text FROM blocktrack.status()");
+    // The summarizer records the gap when it (re)opens, which may be a
+    // moment after it is running (a reload wakes it within a second).
     let after = |c: &Cluster, lsn: &str| -> bool {
-        c.sql("postgres", &format!("SELECT valid_since_lsn > '{lsn}' FROM blocktrack.status()")) == "t"
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if c.sql("postgres", &format!("SELECT valid_since_lsn > '{lsn}' FROM blocktrack.status()")) == "t" {
+                return true;
+            }
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     };
 
     // Another system's tracking state (a pg_blocktrack directory copied in).

@@ -8,7 +8,7 @@
 //! pipeline/   read -> hash -> compress -> write and back: plan, copy, chain,
 //!             codec, hash, checksum
 //! formats/    the bytes on disk: manifest, stream, blkref, backup_label,
-//!             pg_control, lsn
+//!             pg_control, lsn, timeline
 //! storage/    the repository seam: the Store trait, posix and memory
 //!             drivers, and repo (layout, identity, lock) on top
 //! commands/   backup, restore, verify, expire, archive, catalog, metrics, report
@@ -42,7 +42,7 @@ pub mod timefmt;
 // Every module keeps its short path (`blockstream::manifest`, `crate::repo`):
 // the folders show the architecture, the paths stay what callers know.
 pub use commands::{archive, backup, catalog, expire, merge, metrics, report, restore, verify};
-pub use formats::{backup_label, blkref, lsn, manifest, pg_control, pg_database, stream};
+pub use formats::{backup_label, blkref, lsn, manifest, pg_control, pg_database, stream, timeline};
 pub use pipeline::{chain, checksum, codec, copy, crypt, hash, plan};
 pub use source::{guard, pgdata};
 pub use storage::repo;

@@ -27,6 +27,7 @@ use blockstream::manifest::{
 };
 use blockstream::pg_control::ControlFile;
 use blockstream::stream::{parse_chunk, ChunkBuilder};
+use blockstream::timeline;
 
 // ---- the allocation meter -------------------------------------------------
 
@@ -633,7 +634,7 @@ fn archived_wal_file() {
             {
                 panic!("an altered sealed WAL file authenticated");
             }
-            let _ = archive::parse_history(&String::from_utf8_lossy(b));
+            let _ = timeline::History::parse(3, &String::from_utf8_lossy(b));
         },
     );
     run(
@@ -642,7 +643,7 @@ fn archived_wal_file() {
         |_| mutate(&mut r, history),
         |len| 8 * len + 4096,
         |b| {
-            let _ = archive::parse_history(&String::from_utf8_lossy(b));
+            let _ = timeline::History::parse(3, &String::from_utf8_lossy(b));
         },
     );
 }

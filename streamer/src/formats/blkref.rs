@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::safe_fs;
+use crate::timeline::History;
 
 pub const MAIN_FORK: u8 = 0;
 pub const FSM_FORK: u8 = 1;
@@ -549,12 +550,14 @@ pub fn list_summaries(dir: &Path) -> Result<Vec<SummaryFile>> {
     Ok(out)
 }
 
-/// The summaries that cover `[since, until)` on `timeline` without a hole,
-/// or why there are none. Gap summaries are checked by the caller after
-/// reading (their flag is in the header).
+/// The summaries that cover `[since, until)` without a hole, each of WAL in
+/// `history` (a summary of an ancestor timeline up to its switch point is;
+/// one past it describes WAL this server never had), or why there are none.
+/// Gap summaries are checked by the caller after reading (their flag is in
+/// the header).
 pub fn covering(
     files: &[SummaryFile],
-    timeline: u32,
+    history: &History,
     since: Lsn,
     until: Lsn,
 ) -> std::result::Result<Vec<SummaryFile>, String> {
@@ -562,13 +565,16 @@ pub fn covering(
         return Ok(Vec::new());
     }
     let mut chosen = Vec::new();
+    let mut off_history: Option<String> = None;
     let mut at = since;
     for f in files.iter().filter(|f| f.end > since && f.start < until) {
-        if f.start > at {
-            return Err(format!("no summary covers WAL from {at} to {}", f.start));
+        if let Err(why) = history.holds(f.timeline, f.end) {
+            off_history.get_or_insert(format!("the summary from {} to {} is of other WAL: {why}", f.start, f.end));
+            continue;
         }
-        if f.timeline != timeline {
-            return Err(format!("WAL from {} to {} is on timeline {}, not {timeline}", f.start, f.end, f.timeline));
+        if f.start > at {
+            let why = off_history.map_or(String::new(), |w| format!(" ({w})"));
+            return Err(format!("no summary covers WAL from {at} to {}{why}", f.start));
         }
         if f.end > at {
             at = f.end;
@@ -578,7 +584,8 @@ pub fn covering(
             return Ok(chosen);
         }
     }
-    Err(format!("WAL is summarized only up to {at}, not to {until}"))
+    let why = off_history.map_or(String::new(), |w| format!(" ({w})"));
+    Err(format!("WAL is summarized only up to {at}, not to {until}{why}"))
 }
 
 /// The tracker's own state: where its summaries resume, and since when they are unbroken.
@@ -718,13 +725,36 @@ mod tests {
         let f =
             |s: u64, e: u64| SummaryFile { path: PathBuf::new(), timeline: 1, start: Lsn(s), end: Lsn(e), bytes: 0 };
         let files = vec![f(100, 200), f(200, 300), f(300, 400)];
-        assert_eq!(covering(&files, 1, Lsn(150), Lsn(350)).unwrap().len(), 3);
-        assert_eq!(covering(&files, 1, Lsn(200), Lsn(300)).unwrap().len(), 1);
-        assert!(covering(&files, 1, Lsn(50), Lsn(350)).unwrap_err().contains("no summary covers WAL from 0/32"));
-        assert!(covering(&files, 1, Lsn(150), Lsn(450)).unwrap_err().contains("only up to 0/190"));
+        let one = History::only(1);
+        assert_eq!(covering(&files, &one, Lsn(150), Lsn(350)).unwrap().len(), 3);
+        assert_eq!(covering(&files, &one, Lsn(200), Lsn(300)).unwrap().len(), 1);
+        assert!(covering(&files, &one, Lsn(50), Lsn(350)).unwrap_err().contains("no summary covers WAL from 0/32"));
+        assert!(covering(&files, &one, Lsn(150), Lsn(450)).unwrap_err().contains("only up to 0/190"));
         let holes = vec![f(100, 200), f(250, 300)];
-        assert!(covering(&holes, 1, Lsn(150), Lsn(260)).is_err());
-        assert!(covering(&files, 2, Lsn(150), Lsn(160)).is_err());
+        assert!(covering(&holes, &one, Lsn(150), Lsn(260)).is_err());
+        assert!(covering(&files, &History::only(2), Lsn(150), Lsn(160))
+            .unwrap_err()
+            .contains("timeline 1 is not in the history of timeline 2"));
+        // After a promotion at 0x12C: timeline 1's summaries up to the switch
+        // point, then timeline 2's, are one history.
+        let g = |t: u32, s: u64, e: u64| SummaryFile {
+            path: PathBuf::new(),
+            timeline: t,
+            start: Lsn(s),
+            end: Lsn(e),
+            bytes: 0,
+        };
+        let promoted = History::parse(2, "1\t0/12C\tno recovery target specified\n").unwrap();
+        let across = vec![g(1, 100, 200), g(1, 200, 300), g(2, 300, 400)];
+        assert_eq!(covering(&across, &promoted, Lsn(150), Lsn(350)).unwrap().len(), 3);
+        // Timeline 1 past the switch point (the old primary's WAL after the
+        // failover) is not this server's history, even where it would close a hole.
+        let diverged = vec![g(1, 100, 350), g(2, 350, 400)];
+        let err = covering(&diverged, &promoted, Lsn(150), Lsn(380)).unwrap_err();
+        assert!(
+            err.contains("no summary covers WAL from 0/96 to 0/15E (the summary from 0/64 to 0/15E is of other WAL: timeline 1 ends at 0/12C"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`blkref`]: the changed-block summaries pg_blocktrack writes, and its state file;
 //! - [`backup_label`], [`pg_control`]: PostgreSQL's own files a backup reads;
 //! - [`lsn`]: LSNs and WAL file names;
+//! - [`timeline`]: timeline history files, and what a history holds;
 //! - [`pg_database`]: database names and OIDs, from a backup's copy of the catalog.
 
 pub mod backup_label;
@@ -15,3 +16,4 @@ pub mod manifest;
 pub mod pg_control;
 pub mod pg_database;
 pub mod stream;
+pub mod timeline;

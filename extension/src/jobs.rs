@@ -171,7 +171,7 @@ fn answer(req: Request) -> Response {
         Request::Changed { since, until, timeline } => Response::Changed(
             in_transaction(|| {
                 tracking::wait_for_summary(until, Duration::from_secs(60))?;
-                let (table, _) = tracking::changes_between(since, until, timeline)
+                let (table, _) = tracking::changes_between(since, until, Some(timeline))
                     .map_err(|why| format!("changed blocks from {since} to {until} are not known: {why}"))?;
                 Ok::<_, String>(
                     tracking::segment_rows(&table)

@@ -305,6 +305,8 @@ fn flush_summary(until_lsn: default!(Option<PgLsn>, "NULL"), wait_timeout_ms: de
 /// so segments at or past it are copied in full (`full_copy`), also those
 /// without a row. A row whose relfilenode is NULL stands for a whole database
 /// (CREATE or DROP DATABASE in the range): copy that directory in full.
+/// `since_tli`, the timeline `since_lsn` was read on, may be an ancestor of
+/// the server's when its history left it after `since_lsn`.
 #[pg_extern(volatile, parallel_safe)]
 #[allow(clippy::type_complexity)]
 fn changed_blocks(
@@ -327,20 +329,17 @@ fn changed_blocks(
     ),
 > {
     let (since, until) = tracking::check_range(since_lsn.map(Lsn::from), until_lsn.map(Lsn::from));
-    let timeline = status::STATUS.share().timeline;
-    if let Some(t) = since_tli {
-        if t as u32 != timeline {
-            errors::raise(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("since_tli {t} is not the timeline the summaries follow ({timeline})"),
-                None,
-            );
-        }
+    if let Some(t) = since_tli.filter(|t| *t < 1) {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("since_tli must be a timeline (1 or more), got {t}"),
+            None,
+        );
     }
     if let Err(why) = tracking::wait_for_summary(until, Duration::from_secs(60)) {
         errors::raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, why, None);
     }
-    let (table, _) = tracking::changes_between(since, until, timeline).unwrap_or_else(|why| {
+    let (table, _) = tracking::changes_between(since, until, since_tli.map(|t| t as u32)).unwrap_or_else(|why| {
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("changed blocks from {since} to {until} are not known: {why}"),

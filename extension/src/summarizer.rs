@@ -17,8 +17,10 @@
 //! there still held.
 //!
 //! At start it checks what it finds: another system identifier (a data
-//! directory copied from elsewhere), another timeline, state ahead of WAL (a
-//! restored copy), a missing or invalidated slot. Each starts tracking afresh
+//! directory copied from elsewhere), a timeline whose history left the
+//! summarized one before they end, state ahead of WAL (a restored copy), a
+//! missing or invalidated slot. A timeline whose history holds them (a
+//! promotion at the end of replayed WAL) is no gap: summaries go on. Each starts tracking afresh
 //! at the current redo pointer and writes a gap summary over the lost range,
 //! so no incremental backup can build on a parent older than the gap.
 
@@ -169,14 +171,26 @@ impl Summarizer {
                 None
             }
         };
+        // The summaries so far go on when they are of this timeline, or of an
+        // ancestor this timeline left at or after where they end (a promoted
+        // standby: WAL up to the switch point is the same on both).
+        let history = crate::tracking::history(timeline);
+        let continues = |p: &TrackerState| {
+            p.system_identifier == system_identifier
+                && (p.timeline == timeline || history.as_ref().is_ok_and(|h| h.holds(p.timeline, p.resume_lsn).is_ok()))
+        };
         let lost = match prior {
             None => Some("no tracking state yet".to_string()),
             Some(p) if p.system_identifier != system_identifier => Some(format!(
                 "the tracking state belongs to system {}, this is {system_identifier}",
                 p.system_identifier
             )),
-            Some(p) if p.timeline != timeline => {
-                Some(format!("the timeline changed from {} to {timeline}", p.timeline))
+            Some(p) if !continues(&p) => {
+                let why = match &history {
+                    Ok(h) => h.holds(p.timeline, p.resume_lsn).err().unwrap_or_default(),
+                    Err(e) => e.clone(),
+                };
+                Some(format!("the timeline changed from {} to {timeline}: {why}", p.timeline))
             }
             Some(p) if p.resume_lsn > flush => Some(format!(
                 "the tracking state ends at {}, past the end of WAL {flush} (a restored data directory?)",
@@ -195,11 +209,20 @@ impl Summarizer {
                     // SAFETY: a plain read of a server global.
                     let seg_size = unsafe { pg_sys::wal_segment_size } as u64;
                     let segno = p.resume_lsn.segment(seg_size);
-                    let name = blockstream::lsn::wal_file_name(timeline, segno, seg_size);
+                    // The segment is on the timeline that holds resume_lsn, or,
+                    // for the one holding a switch point, on the newer one.
+                    let tlis = match &history {
+                        Ok(h) => vec![h.timeline_of(p.resume_lsn), timeline],
+                        Err(_) => vec![timeline],
+                    };
+                    let name = blockstream::lsn::wal_file_name(tlis[0], segno, seg_size);
                     let dd = base.parent().expect("pg_blocktrack is inside the data directory");
+                    let present = tlis
+                        .iter()
+                        .any(|t| dd.join("pg_wal").join(blockstream::lsn::wal_file_name(*t, segno, seg_size)).exists());
                     // SAFETY: as above.
                     let removed = unsafe { pg_sys::XLogGetLastRemovedSegno() };
-                    if removed >= segno || !dd.join("pg_wal").join(&name).exists() {
+                    if removed >= segno || !present {
                         Some(format!("WAL segment {name} holding {} is gone (pg_resetwal?)", p.resume_lsn))
                     } else {
                         None
@@ -219,16 +242,14 @@ impl Summarizer {
                 let start = slot::create(&slot);
                 // The new slot holds WAL from the redo pointer: when that is not
                 // past where the summaries end, nothing was lost.
-                let same_history = prior.filter(|p| {
-                    p.system_identifier == system_identifier && p.timeline == timeline && p.resume_lsn <= flush
-                });
+                let same_history = prior.filter(|p| continues(p) && p.resume_lsn <= flush);
                 match same_history {
                     Some(p) if start <= p.resume_lsn => {
                         log!("pg_blocktrack: {why}; the new slot holds WAL from {start}, no change is lost");
                         (start, p.valid_since)
                     }
                     _ => {
-                        if let Some(p) = prior.filter(|p| p.timeline == timeline && p.resume_lsn < start) {
+                        if let Some(p) = prior.filter(|p| continues(p) && p.resume_lsn < start) {
                             // Make the lost range visible in summaries() and impossible to build on.
                             let h = SummaryHeader {
                                 system_identifier,
@@ -247,9 +268,7 @@ impl Summarizer {
                         // State ahead of WAL: WAL up to the old resume point is
                         // being written again, differently. No parent may start
                         // before that point.
-                        let valid = prior
-                            .filter(|p| p.system_identifier == system_identifier && p.timeline == timeline)
-                            .map_or(start, |p| start.max(p.resume_lsn));
+                        let valid = prior.filter(continues).map_or(start, |p| start.max(p.resume_lsn));
                         (start, valid)
                     }
                 }
@@ -328,7 +347,7 @@ impl Summarizer {
                 }
                 // Caught up with the flushed (or replayed) WAL.
                 self.publish();
-                if self.timeline_changed() {
+                if !self.follow_timeline() {
                     return Stop::Restart;
                 }
                 let due = self.flush_requested() || self.interval_passed();
@@ -370,28 +389,49 @@ impl Summarizer {
             // SAFETY: as above.
             let switch = unsafe { is_segment_switch(self.reader) };
             if (full || switch || self.flush_requested() || self.interval_passed())
-                && (self.timeline_changed() || !self.flush())
+                && (!self.follow_timeline() || !self.flush())
             {
                 return Stop::Restart;
             }
         }
     }
 
-    /// A standby was promoted (or followed a new timeline) since open():
-    /// what the reader returned may lie past the switch point, so nothing
-    /// of it is written; the next open() records the gap and starts over on
-    /// the new timeline.
-    fn timeline_changed(&self) -> bool {
+    /// The server moved to another timeline (a standby promoted, or
+    /// following its upstream's new timeline). When the one summarized so
+    /// far is in the new one's history past where the durable summaries
+    /// end, summaries go on under the new timeline: the reader returns
+    /// only WAL of the server's history (it reads up to the replay LSN,
+    /// which a promotion's switch point is never before, and then pages of
+    /// the new timeline). Else false: start over, and open() records the gap.
+    fn follow_timeline(&mut self) -> bool {
         let (_, tli) = crate::tracking::wal_end();
-        if tli != self.timeline {
-            log!(
-                "pg_blocktrack: the timeline changed from {} to {tli} at {}; tracking starts over",
-                self.timeline,
-                self.next
-            );
+        if tli == self.timeline {
             return true;
         }
-        false
+        let from = self.timeline;
+        match crate::tracking::history(tli).and_then(|h| h.holds(from, self.summary_start).map(|()| h)) {
+            Ok(h) => {
+                let switch = h.end_of(from).flatten().map_or("?".to_string(), |l| l.to_string());
+                log!("pg_blocktrack: the timeline changed from {from} to {tli} at {switch}; summaries go on");
+                self.timeline = tli;
+                let state = TrackerState {
+                    system_identifier: self.system_identifier,
+                    timeline: tli,
+                    resume_lsn: self.summary_start,
+                    valid_since: self.valid_since,
+                };
+                state.store(&base_dir()).unwrap_or_else(|e| error!("{e}"));
+                STATUS.exclusive().timeline = tli;
+                true
+            }
+            Err(why) => {
+                log!(
+                    "pg_blocktrack: the timeline changed from {from} to {tli} at {}; tracking starts over: {why}",
+                    self.next
+                );
+                false
+            }
+        }
     }
 
     fn flush_requested(&self) -> bool {

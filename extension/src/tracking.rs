@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use blockstream::blkref::{covering, list_summaries, read_summary, BlockRefTable, SummaryFile, MAIN_FORK};
 use blockstream::lsn::Lsn;
+use blockstream::timeline::{History, MAX_HISTORY_BYTES};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -36,6 +37,36 @@ pub fn wal_end() -> (Lsn, u32) {
         }
     };
     (Lsn(lsn), tli)
+}
+
+/// Timeline `tli` and its history, from this server's `pg_wal`. Timeline 1
+/// has none; any other needs its history file (a promotion writes it, a
+/// standby fetches it before following the timeline).
+pub fn history(tli: u32) -> Result<History, String> {
+    if tli <= 1 {
+        return Ok(History::only(tli));
+    }
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: DataDir is set (absolute) before any backend or worker runs.
+    let dd = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
+    let path = std::path::Path::new(&*dd.to_string_lossy()).join("pg_wal").join(format!("{tli:08X}.history"));
+    let mut text = String::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .and_then(|f| f.take(MAX_HISTORY_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| format!("could not read the history of timeline {tli} (\"{}\"): {e}", path.display()))?;
+    if text.len() as u64 > MAX_HISTORY_BYTES {
+        return Err(format!("\"{}\" is larger than {MAX_HISTORY_BYTES} bytes", path.display()));
+    }
+    History::parse(tli, &text).map_err(|e| format!("\"{}\": {e}", path.display()))
+}
+
+/// The history of the timeline this server writes (or replays) now.
+pub fn current_history() -> Result<History, String> {
+    history(wal_end().1)
 }
 
 /// Asks the summarizer for a summary ending at or after `lsn` and waits for
@@ -86,8 +117,20 @@ pub fn wait_for_summary(lsn: Lsn, timeout: Duration) -> Result<Lsn, String> {
     }
 }
 
-/// Merged changes over `[since, until)` on `timeline`, or why they are not known.
-pub fn changes_between(since: Lsn, until: Lsn, timeline: u32) -> Result<(BlockRefTable, Vec<SummaryFile>), String> {
+/// Merged changes over `[since, until)` in this server's WAL history, or why
+/// they are not known. `since_tli`, when given, is the timeline `since` was
+/// read on: it must be this server's, or an ancestor it left after `since`.
+pub fn changes_between(
+    since: Lsn,
+    until: Lsn,
+    since_tli: Option<u32>,
+) -> Result<(BlockRefTable, Vec<SummaryFile>), String> {
+    let history = current_history()?;
+    if let Some(t) = since_tli {
+        history
+            .holds(t, since)
+            .map_err(|why| format!("{since} on timeline {t} is not in this server's history: {why}"))?;
+    }
     let (valid_since, sysid) = {
         let st = STATUS.share();
         // SAFETY: a plain read of the control data.
@@ -97,7 +140,7 @@ pub fn changes_between(since: Lsn, until: Lsn, timeline: u32) -> Result<(BlockRe
         return Err(format!("changes are tracked without a gap only since {valid_since}, after {since}"));
     }
     let files = list_summaries(&summaries_dir()).map_err(|e| e.to_string())?;
-    let chosen = covering(&files, timeline, since, until)?;
+    let chosen = covering(&files, &history, since, until)?;
     let mut merged = BlockRefTable::default();
     for f in &chosen {
         let (h, t) = read_summary(&f.path).map_err(|e| e.to_string())?;
@@ -138,9 +181,16 @@ pub fn incremental_check(parent: Option<Parent>, start: Lsn, start_tli: u32, tim
     let Some(p) = parent else {
         return (false, "no parent backup given".into());
     };
-    if let Some(t) = p.timeline {
-        if t != start_tli {
-            return (false, format!("the parent backup is on timeline {t}, the server on {start_tli}"));
+    // A parent on an ancestor timeline is in this server's history when it
+    // ended before the switch point (PostgreSQL 17's rule for its own
+    // incrementals): the WAL up to there is the same on both timelines.
+    if let Some(t) = p.timeline.filter(|t| *t != start_tli) {
+        let end = p.stop.unwrap_or(p.start);
+        if let Err(why) = history(start_tli).and_then(|h| h.holds(t, end)) {
+            return (
+                false,
+                format!("the parent backup is on timeline {t}, the server on {start_tli}, and the parent is not in its history: {why}"),
+            );
         }
     }
     if p.start > start {
@@ -159,7 +209,7 @@ pub fn incremental_check(parent: Option<Parent>, start: Lsn, start_tli: u32, tim
     if let Err(why) = wait_for_summary(start, timeout) {
         return (false, why);
     }
-    let table = match changes_between(p.start, start, start_tli) {
+    let table = match changes_between(p.start, start, p.timeline) {
         Ok((t, _)) => t,
         Err(why) => return (false, why),
     };

@@ -635,8 +635,8 @@ fn damaged_summaries_are_gaps_never_no_changes() {
     assert!(!changed(&c, &a, &b).is_empty(), "the repaired summary reads again");
 }
 
-/// Each other cause of a gap: tracking state of another system, a timeline
-/// switch, state ahead of WAL, and tracking turned off around wal_level
+/// Each other cause of a gap: tracking state of another system, or of a
+/// timeline this server's history left before it, state ahead of WAL, and tracking turned off around wal_level
 /// minimal. Each moves the start of the unbroken range past the old parent.
 #[test]
 fn every_gap_cause_moves_the_unbroken_range() {
@@ -673,8 +673,13 @@ fn every_gap_cause_moves_the_unbroken_range() {
     let log = std::fs::read_to_string(&c.log).unwrap();
     assert!(log.contains("the tracking state belongs to system"), "{log}");
 
-    // A timeline switch: archive recovery to the end of WAL promotes onto timeline 2.
+    // A timeline switch at the end of WAL (archive recovery promotes onto
+    // timeline 2): timeline 1 up to the switch point is timeline 2's
+    // history, so the summaries go on, no gap: changes since a point of
+    // timeline 1 are still known.
+    c.sql("postgres", "UPDATE t SET g = g + 1 WHERE g < 10");
     let a = flush(&c);
+    let valid_before = valid(&c);
     c.stop();
     std::fs::write(c.data.join("recovery.signal"), "").unwrap();
     chown_postgres(&c.data.join("recovery.signal"));
@@ -685,18 +690,49 @@ fn every_gap_cause_moves_the_unbroken_range() {
         assert!(std::time::Instant::now() < until, "no promotion");
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The summarizer may have run during the archive recovery (it starts
-    // once the server is consistent): it starts over on the new timeline.
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while c.sql("postgres", "SELECT timeline FROM blocktrack.status()") != "2" {
         assert!(std::time::Instant::now() < until, "the summarizer never moved to timeline 2");
         std::thread::sleep(Duration::from_millis(200));
     }
     wait_for_summarizer(&c);
-    assert!(after(&c, &a), "timeline switch: valid since {}", valid(&c));
+    c.sql("postgres", "UPDATE t SET g = g + 1 WHERE g > 990");
+    let b = flush(&c);
+    assert_eq!(valid(&c), valid_before, "a promotion is no gap");
+    let log = std::fs::read_to_string(&c.log).unwrap();
+    assert!(log.contains("the timeline changed from 1 to 2 at") && log.contains("summaries go on"), "{log}");
+    let rel = c.sql("postgres", "SELECT pg_relation_filepath('t')");
+    let across = changed(&c, &a, &b);
+    assert!(across.iter().any(|r| r.path == rel && !r.blocks.is_empty()), "changes across the switch: {across:?}");
+    assert_eq!(
+        c.sql("postgres", &format!("SELECT count(*) > 0 FROM blocktrack.changed_blocks('{a}', '{b}', 1)")),
+        "t",
+        "timeline 1 before the switch point is this server's history"
+    );
+    let err =
+        c.try_sql("postgres", &format!("SELECT count(*) FROM blocktrack.changed_blocks('{a}', '{b}', 3)")).unwrap_err();
+    assert!(err.contains("timeline 3 is not in the history of timeline 2"), "{err}");
+    let err =
+        c.try_sql("postgres", &format!("SELECT count(*) FROM blocktrack.changed_blocks('{b}', '{b}', 1)")).unwrap_err();
+    assert!(err.contains("timeline 1 ends at"), "a point of timeline 1 past its switch point: {err}");
+
+    // Tracking state of timeline 1 past the switch point (an old primary's,
+    // which wrote on after the failover): not this server's history.
+    c.stop();
+    let dir = c.data.join("pg_blocktrack");
+    let mut st = blockstream::blkref::TrackerState::load(&dir).unwrap().unwrap();
+    st.timeline = 1;
+    st.resume_lsn = b.parse().unwrap();
+    st.store(&dir).unwrap();
+    chown_postgres(&dir.join("state"));
+    c.start();
+    wait_for_summarizer(&c);
+    assert!(after(&c, &b), "timeline 1 past its switch point: valid since {}", valid(&c));
+    let log = std::fs::read_to_string(&c.log).unwrap();
+    assert!(log.contains("the timeline changed from 1 to 2: timeline 1 ends at"), "{log}");
     let row =
         c.sql("postgres", &format!("SELECT incremental_ok, reason FROM blocktrack.backup_start('tl', true, '{a}', 1)"));
-    assert!(row.starts_with("f|the parent backup is on timeline 1, the server on 2"), "{row}");
+    assert!(row.starts_with("f|changes are tracked without a gap only since"), "{row}");
 
     // State ahead of WAL: the data directory goes back to a copy, the tracking state does not.
     c.stop();

@@ -30,7 +30,7 @@
 //!    restore never runs crash recovery from a half-restored copy. A rerun
 //!    with `--force` or `--delta` completes it. Then the file systems are synced.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{symlink, OpenOptionsExt};
@@ -53,6 +53,7 @@ use crate::repo::Repo;
 use crate::safe_fs;
 use crate::stream::StreamReader;
 use crate::timefmt;
+use crate::timeline::{History, MAX_HISTORY_BYTES};
 use crate::verify::{check_chunks, check_file_digests, decode_chunks, open_streams, PieceCheck};
 
 /// A WAL segment served by archive-get is small: every piece is hashed.
@@ -181,8 +182,12 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
     };
     let chain = load_chain(&repo, &id)?;
     let m = chain.last().expect("a chain holds at least its target");
+    let mut follow = None;
     if !as_backed_up {
         check_archive_reaches(&repo, m, &opts.recovery_target)?;
+        if opts.target_timeline.is_none() {
+            follow = timeline_to_follow(&repo, m)?;
+        }
     }
     let locations = map_tablespaces(m, &opts.tablespace_map)?;
     let control = m.files.iter().find(|f| f.path == CONTROL_FILE && !f.vanished).ok_or_else(|| {
@@ -366,7 +371,7 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
 
         // 4. What recovery needs, then pg_control, then the disk.
         if !as_backed_up {
-            write_recovery_files(&opts.target, &locations, m, opts)?;
+            write_recovery_files(&opts.target, &locations, m, opts, follow.as_ref())?;
         }
         crate::failpoint::hit("restore-written");
         let t = Instant::now();
@@ -608,9 +613,104 @@ fn check_archive_reaches(repo: &Repo, m: &Manifest, target: &RecoveryTarget) -> 
     }
 }
 
+/// The timeline recovery follows when the user named none, and why, when
+/// PostgreSQL's default would fail: it follows the newest timeline the
+/// repository holds a history file of (`recovery_target_timeline =
+/// latest`), and refuses to start when that timeline left the backup's
+/// before the backup ended — after a failover, the old primary's backups
+/// sit beside the promoted server's, whose history files restore_command
+/// serves. The newest timeline whose history holds the backup is followed
+/// instead, else the backup's own. None when the default is right.
+fn timeline_to_follow(repo: &Repo, m: &Manifest) -> Result<Option<(String, String)>> {
+    // Every history file the repository can serve: the archive's first,
+    // then those in backups' pg_wal.
+    let mut known: BTreeMap<u32, Option<String>> = BTreeMap::new();
+    for t in archive::list(repo, m.wal_segment_size)?.histories {
+        known.insert(t, None);
+    }
+    for id in repo.backup_ids()? {
+        let Ok(b) = repo.load_manifest(&id) else { continue };
+        for f in b.files.iter().filter(|f| !f.vanished) {
+            let tli = f.path.strip_prefix("pg_wal/").and_then(|n| n.strip_suffix(".history"));
+            if let Some(t) = tli.filter(|t| t.len() == 8).and_then(|t| u32::from_str_radix(t, 16).ok()) {
+                known.entry(t).or_insert_with(|| Some(id.clone()));
+            }
+        }
+    }
+    let mut newest_why: Option<String> = None;
+    for (&t, from) in known.iter().rev().filter(|(t, _)| **t > m.timeline) {
+        let name = format!("{t:08X}.history");
+        let bytes = match from {
+            None => match archive::fetch(repo, &name)? {
+                Some(b) => b,
+                None => continue,
+            },
+            Some(id) => extract_bytes(repo, id, &format!("pg_wal/{name}"), MAX_HISTORY_BYTES)?,
+        };
+        let history = History::parse(t, &String::from_utf8_lossy(&bytes))
+            .map_err(|e| Error::Corrupt(format!("timeline history {name} in the repository: {e}")))?;
+        match (history.holds(m.timeline, m.stop_lsn), &newest_why) {
+            (Ok(()), None) => return Ok(None),
+            (Ok(()), Some(why)) => return Ok(Some((t.to_string(), why.clone()))),
+            (Err(why), None) => newest_why = Some(format!("{why}, where backup {} ends", m.backup_id)),
+            (Err(_), Some(_)) => {}
+        }
+    }
+    Ok(newest_why.map(|why| ("current".to_string(), why)))
+}
+
 /// Writes the file `path` of backup `id` to `dest`, checked against its
 /// digest: how `archive-get` serves WAL segments kept in backups.
 pub fn extract_file(repo: &Repo, id: &str, path: &str, dest: &Path) -> Result<()> {
+    let out = File::create(dest).map_err(Error::io("create", dest))?;
+    extract_with(
+        repo,
+        id,
+        path,
+        |size| out.set_len(size).map_err(Error::io("size", dest)),
+        |offset, data| {
+            use std::os::unix::fs::FileExt;
+            out.write_all_at(data, offset).map_err(Error::io("write", dest))
+        },
+    )?;
+    out.sync_all().map_err(Error::io("fsync", dest))
+}
+
+/// The bytes of the file `path` of backup `id`, checked against its digest,
+/// when it holds no more than `max` bytes.
+pub fn extract_bytes(repo: &Repo, id: &str, path: &str, max: u64) -> Result<Vec<u8>> {
+    let buf = std::sync::Mutex::new(Vec::new());
+    extract_with(
+        repo,
+        id,
+        path,
+        |size| {
+            if size > max {
+                return Err(Error::Corrupt(format!("\"{path}\" of backup {id} holds {size} bytes, more than {max}")));
+            }
+            *buf.lock().expect("not poisoned") = vec![0; size as usize];
+            Ok(())
+        },
+        |offset, data| {
+            let mut b = buf.lock().expect("not poisoned");
+            let end = offset as usize + data.len();
+            if end > b.len() {
+                return Err(Error::Corrupt(format!("\"{path}\" of backup {id} has a piece past its size")));
+            }
+            b[offset as usize..end].copy_from_slice(data);
+            Ok(())
+        },
+    )?;
+    Ok(buf.into_inner().expect("not poisoned"))
+}
+
+fn extract_with(
+    repo: &Repo,
+    id: &str,
+    path: &str,
+    size: impl FnOnce(u64) -> Result<()>,
+    write: impl Fn(u64, &[u8]) -> Result<()> + Sync,
+) -> Result<()> {
     let m = repo.load_manifest(id)?;
     let index = m
         .files
@@ -618,18 +718,15 @@ pub fn extract_file(repo: &Repo, id: &str, path: &str, dest: &Path) -> Result<()
         .position(|f| f.path == path && !f.vanished)
         .ok_or_else(|| Error::Usage(format!("backup {id} holds no file \"{path}\"")))? as u32;
     let streams = open_streams(repo, &m)?;
-    let out = File::create(dest).map_err(Error::io("create", dest))?;
-    out.set_len(m.files[index as usize].size).map_err(Error::io("size", dest))?;
+    size(m.files[index as usize].size)?;
     let chunks = m.files[index as usize].chunks.clone();
     let digests = decode_chunks(&streams, &m, repo.keyring(), 1, &Progress::default(), Some(&chunks), DIGEST, |p| {
         if p.file_index == index {
-            use std::os::unix::fs::FileExt;
-            out.write_all_at(p.record.data, p.record.offset).map_err(Error::io("write", dest))?;
+            write(p.record.offset, p.record.data)?;
         }
         Ok(())
     })?;
-    check_file_digests(&m, digests, Some(&|fi| fi == index), DIGEST)?;
-    out.sync_all().map_err(Error::io("fsync", dest))
+    check_file_digests(&m, digests, Some(&|fi| fi == index), DIGEST)
 }
 
 /// The location every tablespace of the backup restores to.
@@ -1168,7 +1265,13 @@ fn quote_setting(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-fn write_recovery_files(target: &Path, locations: &[(u32, String)], m: &Manifest, opts: &RestoreOptions) -> Result<()> {
+fn write_recovery_files(
+    target: &Path,
+    locations: &[(u32, String)],
+    m: &Manifest,
+    opts: &RestoreOptions,
+    follow: Option<&(String, String)>,
+) -> Result<()> {
     let write = |name: &str, bytes: &[u8], append: bool| -> Result<()> {
         let p = target.join(name);
         let mut f = OpenOptions::new()
@@ -1221,6 +1324,10 @@ fn write_recovery_files(target: &Path, locations: &[(u32, String)], m: &Manifest
         conf += &format!("recovery_target_action = {}\n", quote_setting(action));
     }
     if let Some(t) = &opts.target_timeline {
+        conf += &format!("recovery_target_timeline = {}\n", quote_setting(t));
+    } else if let Some((t, why)) = follow {
+        // The newest timeline is not of this backup's history.
+        conf += &format!("# not the newest timeline: {}\n", why.replace('\n', " "));
         conf += &format!("recovery_target_timeline = {}\n", quote_setting(t));
     }
     write("postgresql.auto.conf", conf.as_bytes(), true)

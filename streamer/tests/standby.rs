@@ -3,8 +3,11 @@
 //! full backup and an incremental are taken from the standby while pgbench
 //! runs on the primary, and restore to a cluster that starts, keeps
 //! pgbench's invariant and passes amcheck; a quiet one equals the primary.
-//! After the standby is promoted, the next incremental falls back to a full
-//! backup and says why.
+//! After the standby is promoted, the next incremental builds on the backup
+//! taken before the switch point (the timeline history proves it lies in the
+//! promoted server's history) and its restore equals the promoted server;
+//! the old primary, started again on its own timeline, is not in that
+//! history: its next incremental falls back to full and says why.
 //!
 //! Run as root with pg_blocktrack installed:
 //! `cargo test --release -p blockstream --test standby -- --test-threads=1`.
@@ -56,7 +59,7 @@ fn checkpoint(primary: &Cluster, standby: &Cluster) {
 }
 
 #[test]
-fn backups_from_a_standby_restore_and_a_promotion_falls_back_to_full() {
+fn backups_from_a_standby_restore_and_go_on_across_a_promotion() {
     let base = scratch("standby");
     let primary = Cluster::init("primary", &base);
     primary.start();
@@ -105,25 +108,54 @@ fn backups_from_a_standby_restore_and_a_promotion_falls_back_to_full() {
     restored.stop();
     drop(restored);
 
-    // Failover: the standby becomes a primary on timeline 2. Its summarizer
-    // starts over there, and the next incremental cannot build on a backup of
-    // timeline 1: with --no-fallback it fails naming why, without it the
-    // backup is full and says why.
+    // Failover: the standby becomes a primary on timeline 2. Its summaries
+    // go on across the switch point, and the next incremental builds on the
+    // backup of timeline 1: it ended before timeline 2 began.
     primary.stop();
     run_ok(as_postgres("pg_ctl").arg("-D").arg(&standby.data).args(["-w", "promote"]));
     standby.wait_promoted();
     wait_until("the summarizer on the new timeline", || {
         standby.sql("postgres", "SELECT timeline = 2 AND worker_pid IS NOT NULL FROM blocktrack.status()") == "t"
     });
+    let valid_since = standby.sql("postgres", "SELECT valid_since_lsn FROM blocktrack.status()");
+    let switch = standby.sql("postgres", "SELECT pg_current_wal_lsn()");
+    assert_eq!(
+        standby.sql("postgres", &format!("SELECT '{valid_since}'::pg_lsn <= '{}'::pg_lsn", quiet["start_lsn"].as_str().unwrap())),
+        "t",
+        "the promotion left no gap: changes are known since {valid_since}, before the last backup of timeline 1 (now {switch})"
+    );
     let mut w = standby.pgbench(&["-c", "2", "-t", "300"]);
     assert!(w.wait().unwrap().success());
-    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), standby.data.display().to_string()];
-    args.extend(standby.conn());
+    let after = backup(&standby, &repo, &["-j", "2", "--type", "incr", "--no-fallback"]);
+    assert_eq!(after["type"], "incr", "{after}");
+    assert_eq!(after["parent"], quiet["backup_id"], "{after}");
+    let m = load_manifest(&repo, after["backup_id"].as_str().unwrap());
+    assert_eq!(m.timeline, 2, "the incremental is of timeline 2");
+    let restored = restore_and_start("promoted", &repo, &base, 2, &[]);
+    assert_same_dump(&standby.dumpall(), &restored.dumpall(), "incremental on timeline 2 over a parent on timeline 1");
+    assert_pgbench_balances(&restored, "incremental across the promotion");
+    assert_amcheck_clean(&restored, "incremental across the promotion");
+    restored.stop();
+    drop(restored);
+    standby.stop();
+
+    // The old primary, started again, writes timeline 1 on past the switch
+    // point: the backup of timeline 2 is not in its history. With
+    // --no-fallback the incremental fails naming why; without it the backup
+    // is full and records why.
+    primary.start();
+    wait_until("the old primary's summarizer", || {
+        primary.sql("postgres", "SELECT worker_pid IS NOT NULL FROM blocktrack.status()") == "t"
+    });
+    let mut w = primary.pgbench(&["-c", "2", "-t", "100"]);
+    assert!(w.wait().unwrap().success());
+    let mut args: Vec<String> = vec!["backup".into(), "-D".into(), primary.data.display().to_string()];
+    args.extend(primary.conn());
     args.extend(["--repo".into(), repo_s.into(), "--type".into(), "incr".into()]);
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, _, err) = bs(&[a.as_slice(), &["--no-fallback"]].concat());
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("timeline"), "the refusal names the timeline switch: {err}");
+    assert!(err.contains("timeline 2 is not in the history of timeline 1"), "the refusal names the timelines: {err}");
     let (code, _, err) = bs(&a);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("took a full backup") && err.contains("timeline"), "{err}");
@@ -132,8 +164,8 @@ fn backups_from_a_standby_restore_and_a_promotion_falls_back_to_full() {
     let last = v["backups"].as_array().unwrap().last().unwrap().clone();
     assert!(
         last["parent"].is_null() && last["full_reason"].as_str().is_some_and(|r| r.contains("timeline")),
-        "the backup after the promotion is full and records why: {last}"
+        "the old primary's backup is full and records why: {last}"
     );
-    let restored = restore_and_start("promoted", &repo, &base, 2, &[]);
-    assert_same_dump(&standby.dumpall(), &restored.dumpall(), "full backup of the promoted standby");
+    let restored = restore_and_start("old-primary", &repo, &base, 2, &[]);
+    assert_same_dump(&primary.dumpall(), &restored.dumpall(), "full backup of the old primary");
 }

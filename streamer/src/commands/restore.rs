@@ -287,11 +287,16 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
     // wrote, as pg_basebackup does; a killed one leaves no pg_control.
     let outcome = (|| -> Result<RestoreReport> {
         let mut removed = 0;
+        let mut unlinker = Unlinker::start(Vec::new());
         match target_state {
             DirState::Absent => safe_fs::create_dir(&opts.target, 0o700)?,
             DirState::Empty => {}
             DirState::Replace => empty_dir(&opts.target)?,
-            DirState::Delta => removed += prune_for_delta(&opts.target, m, &locations)?,
+            DirState::Delta => {
+                let (n, later) = prune_for_delta(&opts.target, m, &locations)?;
+                removed += n;
+                unlinker = Unlinker::start(later);
+            }
         }
         for dir in &replace {
             empty_dir(dir)?;
@@ -368,6 +373,8 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
         } else {
             0
         };
+
+        unlinker.finish()?;
 
         // 4. What recovery needs, then pg_control, then the disk.
         if !as_backed_up {
@@ -1167,8 +1174,11 @@ fn zero_blocks(target: &Path, rel: &str, blocks: &BlockSet, bs: u64, old: u64) -
 /// start), then every file, link and directory of the target and of its
 /// tablespace locations that the backup does not hold. Follows no link:
 /// a tablespace link that points to its mapped location is kept, any other
-/// link is removed. Returns how many entries were removed.
-fn prune_for_delta(target: &Path, m: &Manifest, locations: &[(u32, String)]) -> Result<u64> {
+/// link is removed. Returns how many entries were removed, and the large
+/// files it leaves to an [`Unlinker`]: on this file system each removal of a
+/// WAL segment costs milliseconds, which the restore's reads and writes can
+/// hide; no restored path is one of them.
+fn prune_for_delta(target: &Path, m: &Manifest, locations: &[(u32, String)]) -> Result<(u64, Vec<PathBuf>)> {
     let global = target.join("global");
     match fs::remove_file(global.join("pg_control")) {
         Ok(()) => {
@@ -1192,13 +1202,56 @@ fn prune_for_delta(target: &Path, m: &Manifest, locations: &[(u32, String)]) -> 
     let links: HashMap<String, &str> =
         locations.iter().map(|(oid, loc)| (format!("pg_tblspc/{oid}"), loc.as_str())).collect();
     let mut removed = 0;
-    prune_dir(target, "", &files, &dirs, &links, &mut removed)?;
+    let mut later = Vec::new();
+    prune_dir(target, "", &files, &dirs, &links, &mut removed, &mut later)?;
     for (oid, loc) in locations {
         if Path::new(loc).is_dir() {
-            prune_dir(Path::new(loc), &format!("pg_tblspc/{oid}"), &files, &dirs, &HashMap::new(), &mut removed)?;
+            let r = format!("pg_tblspc/{oid}");
+            prune_dir(Path::new(loc), &r, &files, &dirs, &HashMap::new(), &mut removed, &mut later)?;
         }
     }
-    Ok(removed)
+    Ok((removed + later.len() as u64, later))
+}
+
+/// Files at least this large are removed by the [`Unlinker`], beside the restore.
+const UNLINK_LATER: u64 = 1 << 20;
+
+/// Removes files on a thread of its own while the restore goes on; the
+/// restore waits for it before it writes what recovery needs (and pg_control).
+struct Unlinker(Option<std::thread::JoinHandle<Result<()>>>);
+
+impl Unlinker {
+    fn start(paths: Vec<PathBuf>) -> Unlinker {
+        if paths.is_empty() {
+            return Unlinker(None);
+        }
+        Unlinker(Some(std::thread::spawn(move || {
+            for p in paths {
+                match fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::Io { op: "remove", path: p, source: e })
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        })))
+    }
+
+    fn finish(mut self) -> Result<()> {
+        match self.0.take() {
+            None => Ok(()),
+            Some(h) => h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        }
+    }
+}
+
+impl Drop for Unlinker {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn prune_dir(
@@ -1208,6 +1261,7 @@ fn prune_dir(
     dirs: &HashSet<&str>,
     links: &HashMap<String, &str>,
     removed: &mut u64,
+    later: &mut Vec<PathBuf>,
 ) -> Result<()> {
     for e in fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
         let e = e.map_err(Error::io("read directory", dir))?;
@@ -1227,11 +1281,13 @@ fn prune_dir(
         } else {
             md.is_file() && files.contains(r.as_str())
         };
-        if !keep {
+        if !keep && md.is_file() && md.len() >= UNLINK_LATER && !dirs.contains(r.as_str()) {
+            later.push(p);
+        } else if !keep {
             remove_entry(&p)?;
             *removed += 1;
         } else if md.is_dir() {
-            prune_dir(&p, &r, files, dirs, links, removed)?;
+            prune_dir(&p, &r, files, dirs, links, removed, later)?;
         }
     }
     Ok(())

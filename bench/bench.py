@@ -91,6 +91,15 @@ def psql(port, sql, db="postgres", check=True):
               capture=True).strip()
 
 
+def tracked_cluster(data, port, log, extra=""):
+    """A new cluster (initdb -k) at `data` with pg_blocktrack loaded, started, the extension created."""
+    sh([PG_BIN / "initdb", "-k", "-A", "trust", "-U", "postgres", "-D", data], user="postgres")
+    with open(data / "postgresql.conf", "a") as f:
+        f.write((ROOT / "pg_test_configs" / "blocktrack.conf").read_text() + f"\nport = {port}\n{extra}")
+    sh([PG_BIN / "pg_ctl", "-D", data, "-l", log, "-w", "start"], user="postgres")
+    psql(port, "CREATE EXTENSION pg_blocktrack")
+
+
 def fresh_dir(p, owner="postgres"):
     shutil.rmtree(p, ignore_errors=True)
     p.mkdir(parents=True)

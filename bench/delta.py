@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BS, PG_BIN, ROOT, fresh_dir, psql, sh, timed  # noqa: E402
+from bench import BS, PG_BIN, ROOT, fresh_dir, psql, sh, timed, tracked_cluster  # noqa: E402
 
 BASE = Path("/tmp/blockstream-delta")
 PORT = 5540
@@ -96,13 +96,9 @@ def main():
     if (data / "postmaster.pid").exists():
         sh([PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], user="postgres", check=False)
     fresh_dir(BASE)
-    sh([PG_BIN / "initdb", "-k", "-A", "trust", "-U", "postgres", "-D", data], user="postgres")
-    with open(data / "postgresql.conf", "a") as f:
-        f.write((ROOT / "pg_test_configs" / "blocktrack.conf").read_text() + f"\nport = {PORT}\nmax_wal_size = 4GB\n")
-    sh([PG_BIN / "pg_ctl", "-D", data, "-l", BASE / "log", "-w", "start"], user="postgres")
     repo = BASE / "repo"
     try:
-        psql(PORT, "CREATE EXTENSION pg_blocktrack")
+        tracked_cluster(data, PORT, BASE / "log", "max_wal_size = 4GB\n")
         sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-i", "-q", "-s", a.scale, "postgres"])
         psql(PORT, "CHECKPOINT")
         sh([BS, "backup", "-D", data, "-h", "/tmp", "-p", PORT, "-U", "postgres", "--repo", repo, "-j", a.jobs])

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BS, PG_BIN, ROOT, fresh_dir, psql, sh  # noqa: E402
+from bench import BS, PG_BIN, ROOT, fresh_dir, psql, sh, tracked_cluster  # noqa: E402
 
 BASE = Path("/tmp/blockstream-standby-bench")
 PRIMARY, STANDBY = 5560, 5561
@@ -102,13 +102,9 @@ def main():
         if (d / "postmaster.pid").exists():
             sh([PG_BIN / "pg_ctl", "-D", d, "-m", "immediate", "-w", "stop"], user="postgres", check=False)
     fresh_dir(BASE)
-    sh([PG_BIN / "initdb", "-k", "-A", "trust", "-U", "postgres", "-D", primary], user="postgres")
-    with open(primary / "postgresql.conf", "a") as f:
-        f.write((ROOT / "pg_test_configs" / "blocktrack.conf").read_text() + f"\nport = {PRIMARY}\n")
     rows = {"standby": [], "primary": []}
     try:
-        sh([PG_BIN / "pg_ctl", "-D", primary, "-l", BASE / "primary.log", "-w", "start"], user="postgres")
-        psql(PRIMARY, "CREATE EXTENSION pg_blocktrack")
+        tracked_cluster(primary, PRIMARY, BASE / "primary.log")
         sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PRIMARY, "-U", "postgres", "-i", "-q", "-s", a.scale, "postgres"])
         sh([PG_BIN / "pg_basebackup", "-h", "/tmp", "-p", PRIMARY, "-U", "postgres", "-D", standby, "-R",
             "-X", "stream", "-c", "fast"], user="postgres")

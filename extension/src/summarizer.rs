@@ -18,11 +18,12 @@
 //!
 //! At start it checks what it finds: another system identifier (a data
 //! directory copied from elsewhere), a timeline whose history left the
-//! summarized one before they end, state ahead of WAL (a restored copy), a
-//! missing or invalidated slot. A timeline whose history holds them (a
-//! promotion at the end of replayed WAL) is no gap: summaries go on. Each starts tracking afresh
-//! at the current redo pointer and writes a gap summary over the lost range,
-//! so no incremental backup can build on a parent older than the gap.
+//! summarized one before the summaries end, state ahead of WAL (a restored
+//! copy), a missing or invalidated slot. Each starts tracking afresh at the
+//! current redo pointer and writes a gap summary over the lost range, so no
+//! incremental backup can build on a parent older than the gap. A timeline
+//! whose history holds the summaries (a promotion at the end of replayed
+//! WAL) is no gap: they go on under it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};

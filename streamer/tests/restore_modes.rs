@@ -318,6 +318,14 @@ fn merge_makes_a_full_backup_that_restores_like_the_chain() {
     let (code, _, err) = bs(&["merge", "--repo", path(&repo), "--backup", &before[0].0, "--scratch", path(&work)]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is a full backup") && err.contains("Usage: blockstream merge"), "{err}");
+    // A scratch that is a file, or missing, is bad input.
+    let file = base.join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    for (bad, says) in [(file.clone(), "is not a directory"), (base.join("missing"), "No such file")] {
+        let (code, _, err) = bs(&["merge", "--repo", path(&repo), "--scratch", path(&bad)]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("--scratch") && err.contains(says) && err.contains("Usage: blockstream merge"), "{err}");
+    }
 
     // Killed while restoring the chain, and while writing the new backup: the chain is untouched.
     for failpoint in ["restore-record", "copy-chunk@3"] {

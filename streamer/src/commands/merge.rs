@@ -144,9 +144,11 @@ pub fn run_merge(opts: &MergeOptions, progress: &Progress) -> Result<MergeReport
         return Err(Error::Usage(format!("--backup {id} is a full backup: there is no chain to merge")));
     }
     let m = Arc::new(chain.last().expect("a chain holds its target").clone());
-    let md = std::fs::metadata(&opts.scratch).map_err(Error::io("stat scratch directory", &opts.scratch))?;
-    if !md.is_dir() {
-        return Err(Error::Usage(format!("scratch \"{}\" is not a directory", opts.scratch.display())));
+    // A bad --scratch is bad input (exit 2), like a bad flag.
+    match std::fs::metadata(&opts.scratch) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => return Err(Error::Usage(format!("--scratch \"{}\" is not a directory", opts.scratch.display()))),
+        Err(e) => return Err(Error::Usage(format!("--scratch \"{}\": {e}", opts.scratch.display()))),
     }
     remove_dead_scratch(&opts.scratch);
     let dir = opts.scratch.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));

@@ -48,7 +48,7 @@ fn slot_name() -> String {
 /// Runs a SELECT for its effect, through read-only SPI (as every query
 /// here: a standby cannot assign the transaction id a modifying SPI call
 /// takes, and none of these changes a table).
-fn select(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<(), pgrx::spi::SpiError> {
+pub fn select(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<(), pgrx::spi::SpiError> {
     Spi::connect(|client| client.select(query, None, args).map(|_| ()))
 }
 

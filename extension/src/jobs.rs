@@ -256,7 +256,9 @@ pub extern "C-unwind" fn blocktrack_job_main(arg: pg_sys::Datum) {
     let abandoned = in_transaction(|| {
         // SAFETY: reads this session's backup state.
         if unsafe { pg_sys::get_backup_status() } == pg_sys::SessionBackupState::SESSION_BACKUP_RUNNING {
-            Spi::run("SELECT pg_backup_stop(false)").map(|_| true).unwrap_or(false)
+            // Read-only SPI: a standby cannot assign the transaction id a
+            // modifying SPI call takes.
+            backup_session::select("SELECT pg_backup_stop(false)", &[]).is_ok()
         } else {
             false
         }
@@ -389,7 +391,9 @@ pub fn run(repo: Option<&str>, kind: &str, jobs_n: i32, compress: &str, wait: bo
         .set_function("blocktrack_job_main")
         .set_argument(Some(pg_sys::Datum::from(slot)))
         .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        // After enable_spi_access, which sets RecoveryFinished: a job runs on
+        // a hot standby too (a backup from the standby, from pg_cron there).
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(None)
         .set_notify_pid(me)
         .load_dynamic();

@@ -108,6 +108,19 @@ fn backups_from_a_standby_restore_and_go_on_across_a_promotion() {
     restored.stop();
     drop(restored);
 
+    // From SQL on the standby, as a pg_cron job there would: the background
+    // worker's backup_start and backup_stop run on the standby too.
+    let sql_repo = base.join("sql-repo");
+    standby.append_conf(&format!("blocktrack.allowed_repositories = '{}'", base.display()));
+    standby.sql("postgres", "SELECT pg_reload_conf()");
+    wait_until("the reloaded setting", || {
+        standby.sql("postgres", "SHOW blocktrack.allowed_repositories") == base.display().to_string()
+    });
+    checkpoint(&primary, &standby);
+    let id = standby.sql("postgres", &format!("SELECT blocktrack.run_backup('{}', 'full')", sql_repo.display()));
+    let m = load_manifest(&sql_repo, &id);
+    assert!(m.backup_label.contains("BACKUP FROM: standby"), "a SQL backup on the standby: {}", m.backup_label);
+
     // Failover: the standby becomes a primary on timeline 2. Its summaries
     // go on across the switch point, and the next incremental builds on the
     // backup of timeline 1: it ended before timeline 2 began.

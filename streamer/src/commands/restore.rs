@@ -638,9 +638,9 @@ fn timeline_to_follow(repo: &Repo, m: &Manifest) -> Result<Option<(String, Strin
     for id in repo.backup_ids()? {
         let Ok(b) = repo.load_manifest(&id) else { continue };
         for f in b.files.iter().filter(|f| !f.vanished) {
-            let tli = f.path.strip_prefix("pg_wal/").and_then(|n| n.strip_suffix(".history"));
-            if let Some(t) = tli.filter(|t| t.len() == 8).and_then(|t| u32::from_str_radix(t, 16).ok()) {
-                known.entry(t).or_insert_with(|| Some(id.clone()));
+            let name = f.path.strip_prefix("pg_wal/").and_then(archive::WalFile::parse);
+            if let Some(archive::WalFile::History { tli }) = name {
+                known.entry(tli).or_insert_with(|| Some(id.clone()));
             }
         }
     }

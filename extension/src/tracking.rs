@@ -46,21 +46,14 @@ pub fn history(tli: u32) -> Result<History, String> {
     if tli <= 1 {
         return Ok(History::only(tli));
     }
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     // SAFETY: DataDir is set (absolute) before any backend or worker runs.
     let dd = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
     let path = std::path::Path::new(&*dd.to_string_lossy()).join("pg_wal").join(format!("{tli:08X}.history"));
-    let mut text = String::new();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .and_then(|f| f.take(MAX_HISTORY_BYTES + 1).read_to_string(&mut text))
-        .map_err(|e| format!("could not read the history of timeline {tli} (\"{}\"): {e}", path.display()))?;
-    if text.len() as u64 > MAX_HISTORY_BYTES {
-        return Err(format!("\"{}\" is larger than {MAX_HISTORY_BYTES} bytes", path.display()));
-    }
+    // No link followed, nothing but a regular file (a FIFO would block the
+    // summarizer), at most MAX_HISTORY_BYTES.
+    let bytes = blockstream::safe_fs::read_regular(&path, MAX_HISTORY_BYTES)
+        .map_err(|e| format!("could not read the history of timeline {tli}: {e}"))?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("\"{}\" is not text", path.display()))?;
     History::parse(tli, &text).map_err(|e| format!("\"{}\": {e}", path.display()))
 }
 

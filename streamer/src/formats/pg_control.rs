@@ -22,16 +22,27 @@ pub const MAX_LEN: usize = 8192;
 /// PostgreSQL's `FLOATFORMAT_VALUE`.
 const FLOAT_FORMAT: f64 = 1_234_567.0;
 
+/// `DB_SHUTDOWNED`: a primary shut down cleanly.
+pub const SHUT_DOWN: u32 = 1;
+/// `DB_SHUTDOWNED_IN_RECOVERY`: a standby shut down cleanly.
+pub const SHUT_DOWN_IN_RECOVERY: u32 = 2;
+
 /// The fields of a control file the engine uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControlFile {
     pub system_identifier: u64,
     pub pg_control_version: u32,
     pub catalog_version: u32,
+    /// `state`: how the server last left the data directory ([`SHUT_DOWN`] ...).
+    pub state: u32,
     /// The last checkpoint record and its redo pointer and timeline.
     pub checkpoint: Lsn,
     pub redo: Lsn,
     pub timeline: u32,
+    /// A standby's data files hold changes up to here (0 on a primary).
+    pub min_recovery_point: Lsn,
+    /// The server's `wal_log_hints` when it last wrote the file.
+    pub wal_log_hints: bool,
     /// BLCKSZ, RELSEG_SIZE, XLOG_BLCKSZ and the WAL segment size.
     pub block_size: u32,
     pub relseg_size: u32,
@@ -68,9 +79,16 @@ impl ControlFile {
             system_identifier: u64_at(bytes, 0),
             pg_control_version: u32_at(bytes, 8),
             catalog_version: u32_at(bytes, 12),
+            state: u32_at(bytes, 16),
             checkpoint: Lsn(u64_at(bytes, 32)),
             redo: Lsn(u64_at(bytes, 40)),
             timeline: u32_at(bytes, 48),
+            // The members before floatFormat have had one layout from 13
+            // to 18: minRecoveryPoint, its timeline, backupStartPoint,
+            // backupEndPoint, backupEndRequired, wal_level, wal_log_hints,
+            // six more ints and bools, maxAlign.
+            min_recovery_point: Lsn(u64_at(bytes, float_at - 72)),
+            wal_log_hints: bytes[float_at - 32] != 0,
             block_size: u32_at(bytes, float_at + 8),
             relseg_size: u32_at(bytes, float_at + 12),
             wal_block_size: u32_at(bytes, float_at + 16),
@@ -110,6 +128,7 @@ pub(crate) mod tests {
         b[0..8].copy_from_slice(&system_identifier.to_le_bytes());
         b[8..12].copy_from_slice(&1300u32.to_le_bytes());
         b[12..16].copy_from_slice(&202_209_061u32.to_le_bytes());
+        b[16..20].copy_from_slice(&SHUT_DOWN.to_le_bytes());
         b[32..40].copy_from_slice(&0x0300_0060u64.to_le_bytes());
         b[40..48].copy_from_slice(&0x0300_0028u64.to_le_bytes());
         b[48..52].copy_from_slice(&1u32.to_le_bytes());
@@ -134,6 +153,7 @@ pub(crate) mod tests {
             (c.checkpoint, c.redo, c.timeline, c.data_checksum_version),
             (Lsn(0x0300_0060), Lsn(0x0300_0028), 1, 1)
         );
+        assert_eq!((c.state, c.min_recovery_point, c.wal_log_hints), (SHUT_DOWN, Lsn(0), false));
         let mut d = b.clone();
         d[220] ^= 1;
         let err = ControlFile::parse(&d, &"pg_control").unwrap_err().to_string();

@@ -648,6 +648,42 @@ fn archived_wal_file() {
     );
 }
 
+// ---- WAL records ----------------------------------------------------------------
+
+/// The block references of a WAL record, as a delta restore reads them
+/// from a stopped server's pg_wal (after the record's CRC passed: the
+/// decoder must hold for any bytes a CRC collision or a bug lets through).
+#[test]
+fn wal_record() {
+    use blockstream::wal::record_changes;
+    // A heap record: one block with an image and data, then main data.
+    let mut seed = vec![0u8; 24];
+    seed.extend_from_slice(&[0, 0x10 | 0x20, 8, 0, 0x40, 0, 0x20, 0, 0x01]);
+    for v in [1663u32, 5, 16384, 7] {
+        seed.extend_from_slice(&v.to_le_bytes());
+    }
+    seed.extend_from_slice(&[1, 0x80 | 0x20, 4, 0]);
+    seed.extend_from_slice(&9u32.to_le_bytes());
+    seed.extend_from_slice(&[255, 6]);
+    seed.extend(std::iter::repeat_n(0xAB, 0x40 + 8 + 4 + 6));
+    let len = seed.len() as u32;
+    seed[0..4].copy_from_slice(&len.to_le_bytes());
+    seed[17] = 10;
+    let mut t = BlockRefTable::default();
+    record_changes(&seed, &mut t).unwrap();
+    assert!(t.get(&RelFork { spc: 1663, db: 5, rel: 16384, fork: 0 }).unwrap().blocks.contains(9));
+    let mut r = rng(8);
+    run(
+        "WAL record",
+        iterations(),
+        |_| mutate(&mut r, &seed),
+        |len| 64 * len + 4096,
+        |b| {
+            let _ = record_changes(b, &mut BlockRefTable::default());
+        },
+    );
+}
+
 // ---- encrypted chunks, manifests and keys.json --------------------------------------
 
 /// The decrypting decoders: a sealed chunk through the filter stack, a

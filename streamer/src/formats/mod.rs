@@ -7,6 +7,7 @@
 //! - [`backup_label`], [`pg_control`]: PostgreSQL's own files a backup reads;
 //! - [`lsn`]: LSNs and WAL file names;
 //! - [`timeline`]: timeline history files, and what a history holds;
+//! - [`wal`]: WAL records of a stopped server, for the blocks they change;
 //! - [`pg_database`]: database names and OIDs, from a backup's copy of the catalog.
 
 pub mod backup_label;
@@ -17,3 +18,4 @@ pub mod pg_control;
 pub mod pg_database;
 pub mod stream;
 pub mod timeline;
+pub mod wal;

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 
+use crate::blkref::BlockRefTable;
 use crate::manifest::{Incremental, Manifest};
 use crate::pgdata::SourceFile;
 
@@ -80,6 +81,43 @@ impl ChangeSet {
     }
 }
 
+impl ChangeSet {
+    /// The changes of a block table read from summary files, with segment
+    /// files of `relseg_blocks` blocks and tablespaces' version directory
+    /// `tablespace_dir` (`PG_15_202209061`).
+    pub fn from_table(table: &BlockRefTable, relseg_blocks: u32, tablespace_dir: &str) -> ChangeSet {
+        let mut cs = ChangeSet::default();
+        for (k, c) in table.sorted() {
+            if k.is_database() {
+                cs.whole_dirs.push(format!("{}/", k.path(0, tablespace_dir)));
+                continue;
+            }
+            if let Some(l) = c.limit {
+                let e = cs.limits.entry(k.path(0, tablespace_dir)).or_insert(l);
+                *e = (*e).min(l);
+            }
+            for b in c.blocks.iter() {
+                let segno = b / relseg_blocks;
+                let path = k.path(segno, tablespace_dir);
+                cs.segments
+                    .entry(path.clone())
+                    .or_insert_with(|| ChangedSegment {
+                        path,
+                        relfilenode: Some(k.rel),
+                        fork: k.fork,
+                        segno,
+                        limit_block: c.limit,
+                        full_copy: false,
+                        blocks: Vec::new(),
+                    })
+                    .blocks
+                    .push(b % relseg_blocks);
+            }
+        }
+        cs
+    }
+}
+
 /// `base/5/16384.2` → `base/5/16384`.
 fn relation_base(path: &str) -> &str {
     match path.rsplit_once('.') {
@@ -124,27 +162,32 @@ impl<'a> Planner<'a> {
     }
 
     pub fn plan(&self, f: &SourceFile) -> FileCopy {
-        let Some(segno) = main_fork_segment(&f.rel) else { return FileCopy::Whole };
-        if !self.parent.contains_key(f.rel.as_str()) {
+        self.plan_file(&f.rel, f.size)
+    }
+
+    /// [`Planner::plan`] of the file `rel` of `size` bytes.
+    pub fn plan_file(&self, rel: &str, size: u64) -> FileCopy {
+        let Some(segno) = main_fork_segment(rel) else { return FileCopy::Whole };
+        if !self.parent.contains_key(rel) {
             return FileCopy::Whole;
         }
-        if self.changes.whole_dirs.iter().any(|d| f.rel.starts_with(d.as_str())) {
+        if self.changes.whole_dirs.iter().any(|d| rel.starts_with(d.as_str())) {
             return FileCopy::Whole;
         }
         let seg_start = segno as u64 * self.relseg_blocks;
-        let limit = self.changes.limits.get(relation_base(&f.rel)).copied();
+        let limit = self.changes.limits.get(relation_base(rel)).copied();
         if limit.is_some_and(|l| l as u64 <= seg_start) {
             return FileCopy::Whole;
         }
-        if self.changes.segments.get(&f.rel).is_some_and(|r| r.full_copy) {
+        if self.changes.segments.get(rel).is_some_and(|r| r.full_copy) {
             return FileCopy::Whole;
         }
-        let blocks = f.size.div_ceil(self.block_size);
+        let blocks = size.div_ceil(self.block_size);
         let limit_rel = limit.map_or(blocks, |l| (l as u64 - seg_start).min(blocks));
         let mut stored: Vec<u32> = self
             .changes
             .segments
-            .get(&f.rel)
+            .get(rel)
             .map(|r| r.blocks.iter().copied().filter(|&b| (b as u64) < limit_rel).collect())
             .unwrap_or_default();
         stored.sort_unstable();
@@ -304,5 +347,39 @@ mod tests {
             FileCopy::Blocks(Incremental { limit_block: 476, runs: vec![(3, 1), (476, 548)] })
         );
         assert_eq!(p.plan(&file("base/5/700.2", 10)), FileCopy::Whole, "past the limit");
+    }
+
+    #[test]
+    fn a_block_table_plans_like_changed_block_rows() {
+        use crate::blkref::{BlockRefTable, RelFork};
+        let mut t = BlockRefTable::default();
+        let key = |spc, rel| RelFork { spc, db: 5, rel, fork: 0 };
+        t.mark_block(key(1663, 16384), 5);
+        t.mark_block(key(1663, 16384), RELSEG_BLOCKS + 2);
+        t.set_limit(key(1663, 16390), 30);
+        t.mark_block(key(16400, 16500), 1);
+        t.mark_database(1663, 7);
+        let cs = ChangeSet::from_table(&t, RELSEG_BLOCKS, "PG_15_202209061");
+        let parent = parent_with(&[
+            "base/5/16384",
+            "base/5/16384.1",
+            "base/5/16390",
+            "base/5/16391",
+            "pg_tblspc/16400/PG_15_202209061/5/16500",
+            "base/7/16384",
+        ]);
+        let p = Planner::new(&parent, &cs);
+        let blocks = |rel: &str, n: u64| match p.plan_file(rel, n * 8192) {
+            FileCopy::Blocks(inc) => inc.runs,
+            FileCopy::Whole => vec![(u32::MAX, 0)],
+        };
+        assert_eq!(blocks("base/5/16384", 100), vec![(5, 1)]);
+        assert_eq!(blocks("base/5/16384.1", 100), vec![(2, 1)]);
+        // Truncated to 30 blocks: everything from there on.
+        assert_eq!(blocks("base/5/16390", 100), vec![(30, 70)]);
+        assert_eq!(blocks("base/5/16391", 100), Vec::<(u32, u32)>::new());
+        assert_eq!(blocks("pg_tblspc/16400/PG_15_202209061/5/16500", 100), vec![(1, 1)]);
+        // A database created or dropped: whole.
+        assert_eq!(blocks("base/7/16384", 100), vec![(u32::MAX, 0)]);
     }
 }

@@ -41,7 +41,7 @@ pub mod timefmt;
 
 // Every module keeps its short path (`blockstream::manifest`, `crate::repo`):
 // the folders show the architecture, the paths stay what callers know.
-pub use commands::{archive, backup, catalog, expire, merge, metrics, report, restore, verify};
+pub use commands::{archive, backup, catalog, expire, merge, metrics, report, restore, unchanged, verify};
 pub use formats::{backup_label, blkref, lsn, manifest, pg_control, pg_database, stream, timeline, wal};
 pub use pipeline::{chain, checksum, codec, copy, crypt, hash, plan};
 pub use source::{guard, pgdata};

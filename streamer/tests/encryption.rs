@@ -73,6 +73,7 @@ fn restore(store: &SharedStore, target: &Path, owner: Option<&str>, enc: &Encryp
         delta: false,
         check: Default::default(),
         db_include: Vec::new(),
+        compare_all: false,
     };
     run_restore(&opts, &Progress::default()).map(|_| ())
 }

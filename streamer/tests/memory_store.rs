@@ -59,6 +59,7 @@ fn restore(store: &SharedStore, target: &Path, owner: Option<&str>) -> blockstre
         delta: false,
         check: Default::default(),
         db_include: Vec::new(),
+        compare_all: false,
     };
     run_restore(&opts, &Progress::default()).map(|_| ())
 }

@@ -77,6 +77,11 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
     // The cluster goes on after the backup.
     pgbench_run(&src, 2000);
     src.sql("postgres", "CREATE TABLE after_backup AS SELECT g FROM generate_series(1, 50000) g");
+    // Summarized, so the WAL read after the summaries holds no file
+    // creation (which would make the delta compare every block); then
+    // more changes, which the summarizer may not reach before it stops.
+    src.sql("postgres", "SELECT blocktrack.flush_summary()");
+    src.sql("postgres", "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 997 = 0");
     assert_ne!(src.dumpall(), at_backup);
 
     // Refused while the server runs: nothing is touched.
@@ -99,14 +104,32 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
     chown_postgres(&src.data.join("base/1/stray_file"));
     let diverged = base.join("diverged-copy");
     copy_tree(&src.data, &diverged);
+    let compared_copy = base.join("diverged-compared");
+    copy_tree(&src.data, &compared_copy);
 
+    // The target's own change tracking (summaries, then the WAL after them
+    // up to its shutdown checkpoint) names the blocks to rewrite: nothing of
+    // the relations is read.
     let r = restore_json(&repo, &src.data, &["--delta"]);
     assert_eq!(r["delta"], true);
+    let basis = r["delta_basis"].as_str().unwrap();
+    eprintln!("delta over the diverged cluster: {basis}");
+    assert!(basis.contains("the target's change tracking from"), "{r}");
     let (delta_written, restored) = (r["bytes_written"].as_u64().unwrap(), r["bytes_restored"].as_u64().unwrap());
     assert!(
         delta_written > 0 && delta_written < restored / 2,
         "a delta restore wrote {delta_written} of {restored} bytes: {r}"
     );
+    assert!(r["bytes_compared"].as_u64().unwrap() < restored / 10, "{r}");
+    // The same delta comparing every block gives the same files, byte for byte.
+    let rc = restore_json(&repo, &compared_copy, &["--delta", "--delta-compare-all"]);
+    assert_eq!(rc["delta_basis"], "every block compared (--delta-compare-all)", "{rc}");
+    assert!(rc["bytes_compared"].as_u64().unwrap() > restored / 2, "{rc}");
+    let (tracked, compared) = (tree(&src.data), tree(&compared_copy));
+    assert_eq!(tracked.len(), compared.len());
+    for (rel, bytes) in &tracked {
+        assert!(compared.get(rel) == Some(bytes), "{rel} differs between the tracked and the compared delta");
+    }
     assert!(r["files_unchanged"].as_u64().unwrap() > 100, "{r}");
     assert!(r["removed"].as_u64().unwrap() >= 3, "{r}");
     for gone in ["base/1/stray_file", "stray_dir", "stray_link"] {
@@ -132,9 +155,16 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
     // Before it starts: the backup's files as restored, to count what the
     // diverged copy had changed. The delta wrote those blocks and no others.
     let changed = changed_bytes(&empty, &diverged);
+    // Every differing block, and at most a few more that the target's WAL
+    // touched after the backup started without changing them in the end.
     assert!(
-        delta_written >= changed && delta_written <= changed + 8192,
+        delta_written >= changed && delta_written <= changed + changed / 2 + 8192,
         "the delta wrote {delta_written} bytes where {changed} differed"
+    );
+    let compared_written = rc["bytes_written"].as_u64().unwrap();
+    assert!(
+        compared_written >= changed && compared_written <= changed + 8192,
+        "comparing every block, the delta wrote {compared_written} bytes where {changed} differed"
     );
     // A second delta over a copy that already matches writes only pg_control.
     let r = restore_json(&repo, &empty, &["--delta"]);
@@ -172,7 +202,10 @@ fn delta_killed_midway_cannot_start_and_a_rerun_completes() {
         .args(["-w", "-t", "20", "start"]));
     assert!(!start.status.success(), "a half-restored directory started");
 
-    restore_json(&repo, &src.data, &["--delta"]);
+    // Without its control file the target's tracking proves nothing: every block is compared.
+    let r = restore_json(&repo, &src.data, &["--delta"]);
+    let basis = r["delta_basis"].as_str().unwrap();
+    assert!(basis.starts_with("every block compared: the target's control file"), "{r}");
     let back = Cluster::restored("delta-rerun", &src.data, &base);
     back.start();
     back.wait_promoted();

@@ -258,6 +258,9 @@ pub struct RestoreArgs {
     /// Restore over an existing data directory: rewrite only the blocks that differ, remove what the backup lacks
     #[arg(long, conflicts_with = "force")]
     pub delta: bool,
+    /// With --delta, read and compare every block, even when the target's own change tracking (pg_blocktrack) proves which may differ
+    #[arg(long, requires = "delta")]
+    pub delta_compare_all: bool,
     /// Also recompute every restored file's SHA-256 digest (verify and drill always do)
     #[arg(long)]
     pub check_digests: bool,

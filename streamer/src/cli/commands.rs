@@ -272,6 +272,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         delta: a.delta,
         check: if a.check_digests { PieceCheck::Digest } else { PieceCheck::Coverage },
         db_include: a.db_include.clone(),
+        compare_all: a.delta_compare_all,
     };
     let progress = Progress::default();
     let r = with_progress(progress_on(a.progress, a.output), &progress, || run_restore(&opts, &progress))?;
@@ -304,11 +305,15 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
             }
             if r.delta {
                 println!(
-                    "  delta: {} written, {} files unchanged, {} entries removed",
+                    "  delta: {} written, {} read to compare, {} files unchanged, {} entries removed",
                     mib(r.bytes_written),
+                    mib(r.bytes_compared),
                     r.files_unchanged,
                     r.removed
                 );
+                if let Some(basis) = &r.delta_basis {
+                    println!("  delta: {basis}");
+                }
             }
             println!(
                 "  {:.2} s checking chunks, {:.2} s creating files, {:.2} s writing, {:.2} s syncing",

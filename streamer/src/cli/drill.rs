@@ -262,6 +262,7 @@ fn restore(d: &Drill, a: &DrillArgs, f: &mut Findings) -> blockstream::Result<()
         // A drill is the proof a backup restores: every file's digest too.
         check: blockstream::verify::PieceCheck::Digest,
         db_include: Vec::new(),
+        compare_all: false,
     };
     let progress = Progress::default();
     let t = Instant::now();

@@ -178,6 +178,7 @@ pub fn run_merge(opts: &MergeOptions, progress: &Progress) -> Result<MergeReport
             delta: false,
             check: PieceCheck::Digest,
             db_include: Vec::new(),
+            compare_all: false,
         },
         progress,
     )?;

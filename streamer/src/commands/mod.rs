@@ -14,4 +14,5 @@ pub mod merge;
 pub mod metrics;
 pub mod report;
 pub mod restore;
+pub mod unchanged;
 pub mod verify;

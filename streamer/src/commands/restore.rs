@@ -45,7 +45,7 @@ use crate::blkref::BlockSet;
 use crate::chain::{load_chain, resolve, Resolution, Take};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::manifest::{check_absolute_path, check_relative_path, FileEntry, Manifest};
+use crate::manifest::{check_absolute_path, check_relative_path, FileEntry, Incremental, Manifest};
 use crate::pg_database;
 use crate::privs::{self, Postmaster, User};
 use crate::progress::Progress;
@@ -54,6 +54,7 @@ use crate::safe_fs;
 use crate::stream::StreamReader;
 use crate::timefmt;
 use crate::timeline::{History, MAX_HISTORY_BYTES};
+use crate::unchanged::{self, TargetChanges};
 use crate::verify::{check_chunks, check_file_digests, decode_chunks, open_streams, PieceCheck};
 
 /// A WAL segment served by archive-get is small: every piece is hashed.
@@ -109,6 +110,9 @@ pub struct RestoreOptions {
     /// Restore only these databases (and postgres, template0, template1):
     /// the relation files of the others become sparse files of zeros.
     pub db_include: Vec<String>,
+    /// A delta restore compares every block of the target even when the
+    /// target's own change tracking names those that may differ.
+    pub compare_all: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -131,6 +135,11 @@ pub struct RestoreReport {
     /// backup does not hold, removed.
     pub removed: u64,
     pub delta: bool,
+    /// A delta restore: what told which blocks to compare (the target's
+    /// change tracking, or every block and why).
+    pub delta_basis: Option<String>,
+    /// A delta restore: bytes of the target read to compare.
+    pub bytes_compared: u64,
     /// `--db-include`: the databases whose relation files are zeros; drop them.
     pub databases_excluded: Vec<String>,
     /// Reading every chunk and checking its digest, before anything is
@@ -277,6 +286,21 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
         }
     }
     let verify_secs = t.elapsed().as_secs_f64();
+    // A delta restore over a copy of this cluster: which blocks its own
+    // change tracking says may differ (read before anything is removed).
+    let (unchanged, delta_basis) = if target_state != DirState::Delta {
+        (None, None)
+    } else if opts.compare_all {
+        (None, Some("every block compared (--delta-compare-all)".to_string()))
+    } else {
+        match unchanged::target_changes(&opts.target, m) {
+            Ok(tc) => {
+                let basis = tc.basis.clone();
+                (Some(tc), Some(basis))
+            }
+            Err(why) => (None, Some(format!("every block compared: {why}"))),
+        }
+    };
 
     // 3. As the owner: replace, lay out, write.
     if let Some(u) = &owner {
@@ -307,6 +331,7 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
         let target = opts.target.as_path();
         let control_bytes = Mutex::new(vec![0u8; control.size as usize]);
         let written = AtomicU64::new(0);
+        let compared = AtomicU64::new(0);
         // Per file of the restored backup: whether a byte of it was written.
         let touched: Vec<AtomicBool> = m.files.iter().map(|_| AtomicBool::new(false)).collect();
         let n = chain.len();
@@ -339,11 +364,22 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
                         None => p.file_index as usize,
                         Some(ix) => *ix.get(p.file.path.as_str()).expect("resolve takes only files the target has"),
                     };
-                    let w = write_record(target, &p.file.path, p.record.offset, p.record.data, t, bs, old_sizes[ti])?;
+                    let differ = unchanged.as_ref().map(|u| u.files[ti].as_ref());
+                    let (w, c) = write_record(
+                        target,
+                        &p.file.path,
+                        p.record.offset,
+                        p.record.data,
+                        t,
+                        bs,
+                        old_sizes[ti],
+                        differ,
+                    )?;
                     if w > 0 {
                         written.fetch_add(w, Ordering::Relaxed);
                         touched[ti].store(true, Ordering::Relaxed);
                     }
+                    compared.fetch_add(c, Ordering::Relaxed);
                     crate::failpoint::hit("restore-record");
                     Ok(())
                 })?;
@@ -353,7 +389,9 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
             // Blocks no backup stores are zeros, over whatever the target held there.
             for (ti, blocks) in zeros.iter().filter(|(ti, _)| !sparse[*ti as usize]) {
                 let f = &m.files[*ti as usize];
-                let w = zero_blocks(target, &f.path, blocks, m.block_size as u64, f.size.min(old_sizes[*ti as usize]))?;
+                let old = f.size.min(old_sizes[*ti as usize]);
+                let w =
+                    zero_blocks(target, &f.path, blocks, m.block_size as u64, old, unchanged.as_ref(), *ti as usize)?;
                 if w > 0 {
                     written.fetch_add(w, Ordering::Relaxed);
                     touched[*ti as usize].store(true, Ordering::Relaxed);
@@ -409,6 +447,8 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
             files_unchanged,
             removed,
             delta: opts.delta,
+            delta_basis,
+            bytes_compared: compared.into_inner(),
             databases_excluded,
             verify_secs,
             layout_secs,
@@ -1090,41 +1130,56 @@ fn compare_and_write(
 
 /// Writes the blocks of a record that `take` assigns to this backup into the
 /// restored file `rel`, comparing the bytes below `old` first (a delta
-/// restore). Returns the bytes written.
-fn write_record(target: &Path, rel: &str, offset: u64, data: &[u8], take: &Take, bs: u64, old: u64) -> Result<u64> {
+/// restore). With `differ` (the target's change tracking: `Some(None)` says
+/// compare all of this file), blocks below `old` that it proves unchanged are
+/// neither read nor written, and those that may differ are written without
+/// reading them. Returns the bytes written and the bytes read to compare.
+#[allow(clippy::too_many_arguments)]
+fn write_record(
+    target: &Path,
+    rel: &str,
+    offset: u64,
+    data: &[u8],
+    take: &Take,
+    bs: u64,
+    old: u64,
+    differ: Option<Option<&Incremental>>,
+) -> Result<(u64, u64)> {
     if data.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
-    let runs = match take {
-        Take::All => vec![(0, data.len())],
-        // The runs of blocks this backup is the newest source of.
-        Take::Blocks(_) => {
-            let (first, nblocks) = (offset / bs, (data.len() as u64).div_ceil(bs));
-            let mut runs = Vec::new();
-            let mut k = 0;
-            while k < nblocks {
-                if !take.takes((first + k) as u32) {
-                    k += 1;
-                    continue;
-                }
-                let run = k;
-                while k < nblocks && take.takes((first + k) as u32) {
-                    k += 1;
-                }
-                runs.push(((run * bs) as usize, ((k * bs) as usize).min(data.len())));
-            }
-            runs
-        }
+    let first = offset / bs;
+    let nblocks = (data.len() as u64).div_ceil(bs);
+    let kept_unread = |k: u64| {
+        let at = (first + k) * bs;
+        at < old && matches!(differ, Some(Some(inc)) if !inc.holds((first + k) as u32))
     };
+    let wanted = |k: u64| take.takes((first + k) as u32) && !kept_unread(k);
+    // Runs of blocks this backup is the newest source of, less what is kept.
+    let mut runs = Vec::new();
+    let mut k = 0;
+    while k < nblocks {
+        if !wanted(k) {
+            k += 1;
+            continue;
+        }
+        let run = k;
+        while k < nblocks && wanted(k) {
+            k += 1;
+        }
+        runs.push(((run * bs) as usize, ((k * bs) as usize).min(data.len())));
+    }
     if runs.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let path = target.join(rel);
+    let blind = matches!(differ, Some(Some(_)));
     with_open_file(&path, |file| {
-        if offset < old {
-            compare_and_write(file, &path, offset, data, &runs, old, bs as usize)
+        if offset < old && !blind {
+            let compared = old.saturating_sub(offset).min(data.len() as u64);
+            Ok((compare_and_write(file, &path, offset, data, &runs, old, bs as usize)?, compared))
         } else {
-            write_runs(file, &path, offset, data, &runs)
+            Ok((write_runs(file, &path, offset, data, &runs)?, 0))
         }
     })
 }
@@ -1145,7 +1200,15 @@ fn with_open_file<T>(path: &Path, f: impl FnOnce(&File) -> Result<T>) -> Result<
 /// A delta restore: writes zeros over the blocks of `rel` in `blocks` (those
 /// no backup of the chain stores) below `old`, where the target's bytes are
 /// not zeros already. Returns the bytes written.
-fn zero_blocks(target: &Path, rel: &str, blocks: &BlockSet, bs: u64, old: u64) -> Result<u64> {
+fn zero_blocks(
+    target: &Path,
+    rel: &str,
+    blocks: &BlockSet,
+    bs: u64,
+    old: u64,
+    unchanged: Option<&TargetChanges>,
+    index: usize,
+) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let path = target.join(rel);
     let mut buf = vec![0u8; bs as usize];
@@ -1158,6 +1221,9 @@ fn zero_blocks(target: &Path, rel: &str, blocks: &BlockSet, bs: u64, old: u64) -
         let at = b as u64 * bs;
         if at >= old {
             break;
+        }
+        if unchanged.is_some_and(|u| !u.may_differ(index, b)) {
+            continue;
         }
         let len = bs.min(old - at) as usize;
         file.read_exact_at(&mut buf[..len], at).map_err(Error::io("read", &path))?;

@@ -1,0 +1,206 @@
+//! What a delta restore may keep of its target without reading it: the
+//! blocks the target's own change tracking proves unchanged since the
+//! restored backup started.
+//!
+//! The case is a failed primary, or any copy of the backed-up cluster that
+//! went on after the backup, brought back to the backup's point. When the
+//! target
+//! - is the same cluster (system identifier) and was shut down cleanly, so
+//!   every change to its files is in WAL before its last checkpoint (a
+//!   standby's: before its minimum recovery point);
+//! - logs hint-bit changes (data checksums or `wal_log_hints`): the first
+//!   hint-bit change to a page after a checkpoint writes the page to WAL,
+//!   and a later one touches a page already in WAL since that checkpoint;
+//! - has a WAL history that holds the backup's timeline up to where it
+//!   started, pg_blocktrack summaries of its WAL from there on, none of
+//!   them a gap, and the WAL after them up to its last checkpoint in
+//!   pg_wal (the summarizer stops with the other processes at shutdown,
+//!   before they are done writing), read with [`crate::wal`];
+//!
+//! then a block none of those summaries names holds what it held when the
+//! backup started. That is a valid copy of the block for the backup, as
+//! the copy the backup read was: recovery replays every change from the
+//! backup's start, and a block's first change after a checkpoint carries
+//! the whole page. pg_rewind relies on the same rule, and incremental
+//! backups on this very one. Forks that are not main forks, non-relation
+//! files, files of a database created or dropped since, segments at or
+//! past a truncation are compared in full as before.
+//!
+//! Anything short of that is no error: the restore compares every block,
+//! and says why.
+
+use std::path::Path;
+
+use crate::blkref::{covering, list_summaries, read_summary, BlockRefTable, TrackerState};
+use crate::manifest::{Incremental, Manifest};
+use crate::pg_control::{ControlFile, SHUT_DOWN, SHUT_DOWN_IN_RECOVERY};
+use crate::plan::{ChangeSet, FileCopy, Planner};
+use crate::safe_fs;
+use crate::timeline::{History, MAX_HISTORY_BYTES};
+use crate::wal;
+
+/// Where pg_blocktrack keeps its state and summaries in a data directory.
+const TRACKING_DIR: &str = "pg_blocktrack";
+
+/// WAL after the summaries read at most (a summarizer that fell behind
+/// this far is better replaced by comparing).
+const MAX_TAIL: u64 = 256 << 20;
+
+/// The target's WAL directory: `pg_wal`, or where its link points (initdb
+/// -X makes one); an absolute link only.
+fn wal_dir(target: &Path) -> std::result::Result<std::path::PathBuf, String> {
+    let p = target.join("pg_wal");
+    let md = p.symlink_metadata().map_err(|e| format!("the target's pg_wal: {e}"))?;
+    if md.is_dir() {
+        return Ok(p);
+    }
+    if md.file_type().is_symlink() {
+        let to = std::fs::read_link(&p).map_err(|e| format!("the target's pg_wal: {e}"))?;
+        if to.is_absolute() {
+            return Ok(to);
+        }
+    }
+    Err("the target's pg_wal is neither a directory nor an absolute link to one".into())
+}
+
+/// Per file of the restored backup: the blocks of it that may differ in the
+/// target (`None`: compare all of it).
+pub struct TargetChanges {
+    pub files: Vec<Option<Incremental>>,
+    /// What proved it, for the report.
+    pub basis: String,
+}
+
+impl TargetChanges {
+    /// Whether block `block` of file `index` may differ in the target.
+    pub fn may_differ(&self, index: usize, block: u32) -> bool {
+        self.files[index].as_ref().is_none_or(|inc| inc.holds(block))
+    }
+}
+
+/// The blocks of the target `target` that may differ from backup `m`, or why
+/// the target's change tracking cannot tell.
+pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<TargetChanges, String> {
+    let control = safe_fs::read_beneath(target, "global/pg_control", crate::pg_control::MAX_LEN as u64)
+        .and_then(|b| ControlFile::parse(&b, &target.join("global/pg_control").display()))
+        .map_err(|e| format!("the target's control file: {e}"))?;
+    if control.system_identifier != m.system_identifier {
+        return Err(format!(
+            "the target is another cluster (system identifier {}, the backup's {})",
+            control.system_identifier, m.system_identifier
+        ));
+    }
+    if control.block_size != m.block_size || control.relseg_size != m.relseg_size {
+        return Err("the target's block or segment size is not the backup's".into());
+    }
+    let until = match control.state {
+        SHUT_DOWN => control.checkpoint,
+        SHUT_DOWN_IN_RECOVERY => control.checkpoint.max(control.min_recovery_point),
+        s => return Err(format!("the target was not shut down cleanly (control file state {s})")),
+    };
+    if control.data_checksum_version == 0 && !control.wal_log_hints {
+        return Err(
+            "the target has neither data checksums nor wal_log_hints: hint-bit changes are not in its WAL".into()
+        );
+    }
+    let history = if control.timeline <= 1 {
+        History::only(control.timeline)
+    } else {
+        let name = format!("{:08X}.history", control.timeline);
+        let text = safe_fs::read_beneath(&wal_dir(target)?, &name, MAX_HISTORY_BYTES).map_err(|e| e.to_string())?;
+        let text = String::from_utf8(text).map_err(|_| format!("the target's {name} is not text"))?;
+        History::parse(control.timeline, &text).map_err(|e| format!("the target's {name}: {e}"))?
+    };
+    history
+        .holds(m.timeline, m.start_lsn)
+        .map_err(|why| format!("the backup is not in the target's history: {why}"))?;
+
+    // The tracking directory must be the target's own, not a link elsewhere.
+    for dir in [TRACKING_DIR.to_string(), format!("{TRACKING_DIR}/summaries")] {
+        match target.join(&dir).symlink_metadata() {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(format!("the target's {dir} is not a directory")),
+            Err(_) => return Err(format!("the target has no {dir}: pg_blocktrack did not track it")),
+        }
+    }
+    let tracking = target.join(TRACKING_DIR);
+    let state = TrackerState::load(&tracking)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("the target has no {TRACKING_DIR}/state"))?;
+    if state.system_identifier != m.system_identifier {
+        return Err(format!("the target's {TRACKING_DIR}/state is of another cluster"));
+    }
+    if state.valid_since > m.start_lsn {
+        return Err(format!(
+            "the target's summaries are unbroken only since {}, after the backup started at {}",
+            state.valid_since, m.start_lsn
+        ));
+    }
+    let files = list_summaries(&tracking.join("summaries")).map_err(|e| e.to_string())?;
+    // The summarizer stops with the other processes at shutdown: the last
+    // of their WAL, up to the checkpoint, is read from pg_wal below.
+    let summarized = files
+        .iter()
+        .filter(|f| history.holds(f.timeline, f.end).is_ok())
+        .map(|f| f.end)
+        .max()
+        .unwrap_or(m.start_lsn)
+        .clamp(m.start_lsn, until);
+    let chosen = covering(&files, &history, m.start_lsn, summarized).map_err(|why| format!("the target's {why}"))?;
+    let mut table = BlockRefTable::default();
+    for f in &chosen {
+        let (h, t) = read_summary(&f.path).map_err(|e| e.to_string())?;
+        if h.system_identifier != m.system_identifier {
+            return Err(format!("summary \"{}\" is of another cluster", f.path.display()));
+        }
+        if h.gap {
+            return Err(format!("summary \"{}\" marks a gap in the target's tracking", f.path.display()));
+        }
+        table.merge(&t);
+    }
+    let mut tail_records = 0;
+    if summarized < until {
+        if until.0 - summarized.0 > MAX_TAIL {
+            return Err(format!(
+                "the target's WAL is summarized up to {summarized}, more than {} MiB before its last checkpoint at {until}",
+                MAX_TAIL >> 20
+            ));
+        }
+        if history.timeline_of(summarized) != control.timeline {
+            return Err(format!("the target's WAL from {summarized} to {until} spans a timeline switch"));
+        }
+        let dir = wal_dir(target)?;
+        tail_records = wal::changes_between(
+            &dir,
+            control.timeline,
+            m.system_identifier,
+            control.wal_segment_size as u64,
+            control.wal_block_size as u64,
+            summarized,
+            until,
+            &mut table,
+        )
+        .map_err(|why| format!("the target's WAL after its summaries: {why}"))?;
+    }
+    let tablespace_dir = format!("PG_{}_{}", m.pg_version_num / 10000, control.catalog_version);
+    let changes = ChangeSet::from_table(&table, m.relseg_size, &tablespace_dir);
+    let planner = Planner::new(m, &changes);
+    let files = m
+        .files
+        .iter()
+        .map(|f| match planner.plan_file(&f.path, f.size) {
+            FileCopy::Whole => None,
+            FileCopy::Blocks(inc) => Some(inc),
+        })
+        .collect();
+    Ok(TargetChanges {
+        files,
+        basis: format!(
+            "the target's change tracking from {} to {} ({} summaries, {} WAL records after them) names the blocks that may differ",
+            m.start_lsn,
+            until,
+            chosen.len(),
+            tail_records
+        ),
+    })
+}

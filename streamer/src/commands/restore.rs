@@ -286,22 +286,6 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
         }
     }
     let verify_secs = t.elapsed().as_secs_f64();
-    // A delta restore over a copy of this cluster: which blocks its own
-    // change tracking says may differ (read before anything is removed).
-    let (unchanged, delta_basis) = if target_state != DirState::Delta {
-        (None, None)
-    } else if opts.compare_all {
-        (None, Some("every block compared (--delta-compare-all)".to_string()))
-    } else {
-        match unchanged::target_changes(&opts.target, m) {
-            Ok(tc) => {
-                let basis = tc.basis.clone();
-                (Some(tc), Some(basis))
-            }
-            Err(why) => (None, Some(format!("every block compared: {why}"))),
-        }
-    };
-
     // 3. As the owner: replace, lay out, write.
     if let Some(u) = &owner {
         prepare_target_as_root(&opts.target, target_state, u)?;
@@ -310,6 +294,22 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
     // A restore into a new or empty directory that fails takes back what it
     // wrote, as pg_basebackup does; a killed one leaves no pg_control.
     let outcome = (|| -> Result<RestoreReport> {
+        // A delta restore over a copy of this cluster: which blocks its own
+        // change tracking says may differ (read as the owner, before
+        // anything is removed).
+        let (unchanged, delta_basis) = if target_state != DirState::Delta {
+            (None, None)
+        } else if opts.compare_all {
+            (None, Some("every block compared (--delta-compare-all)".to_string()))
+        } else {
+            match unchanged::target_changes(&opts.target, m) {
+                Ok(tc) => {
+                    let basis = tc.basis.clone();
+                    (Some(tc), Some(basis))
+                }
+                Err(why) => (None, Some(format!("every block compared: {why}"))),
+            }
+        };
         let mut removed = 0;
         let mut unlinker = Unlinker::start(Vec::new());
         match target_state {

@@ -31,7 +31,7 @@
 
 use std::path::Path;
 
-use crate::blkref::{covering, list_summaries, read_summary, BlockRefTable, TrackerState};
+use crate::blkref::{covering, decode_summary, list_summaries, BlockRefTable, TrackerState};
 use crate::manifest::{Incremental, Manifest};
 use crate::pg_control::{ControlFile, SHUT_DOWN, SHUT_DOWN_IN_RECOVERY};
 use crate::plan::{ChangeSet, FileCopy, Planner};
@@ -41,6 +41,10 @@ use crate::wal;
 
 /// Where pg_blocktrack keeps its state and summaries in a data directory.
 const TRACKING_DIR: &str = "pg_blocktrack";
+
+/// Summary files read at most, in all (a week of a busy server's summaries
+/// comes to a few MiB).
+const MAX_SUMMARY_TOTAL: u64 = 1 << 30;
 
 /// WAL after the summaries read at most (a summarizer that fell behind
 /// this far is better replaced by comparing).
@@ -124,9 +128,10 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
         }
     }
     let tracking = target.join(TRACKING_DIR);
-    let state = TrackerState::load(&tracking)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("the target has no {TRACKING_DIR}/state"))?;
+    let state_rel = format!("{TRACKING_DIR}/state");
+    let state = safe_fs::read_beneath(target, &state_rel, 64)
+        .and_then(|b| TrackerState::decode(&b, &target.join(&state_rel).display()))
+        .map_err(|e| e.to_string())?;
     if state.system_identifier != m.system_identifier {
         return Err(format!("the target's {TRACKING_DIR}/state is of another cluster"));
     }
@@ -137,6 +142,12 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
         ));
     }
     let files = list_summaries(&tracking.join("summaries")).map_err(|e| e.to_string())?;
+    let total: u64 = files.iter().map(|f| f.bytes).sum();
+    if total > MAX_SUMMARY_TOTAL {
+        return Err(format!(
+            "the target's summaries come to {total} bytes, more than the {MAX_SUMMARY_TOTAL} read for a delta"
+        ));
+    }
     // The summarizer stops with the other processes at shutdown: the last
     // of their WAL, up to the checkpoint, is read from pg_wal below.
     let summarized = files
@@ -149,7 +160,12 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
     let chosen = covering(&files, &history, m.start_lsn, summarized).map_err(|why| format!("the target's {why}"))?;
     let mut table = BlockRefTable::default();
     for f in &chosen {
-        let (h, t) = read_summary(&f.path).map_err(|e| e.to_string())?;
+        // Below the target, following no link on the way.
+        let name = f.path.file_name().and_then(|n| n.to_str()).ok_or("a summary file name is not text")?;
+        let rel = format!("{TRACKING_DIR}/summaries/{name}");
+        let (h, t) = safe_fs::read_beneath(target, &rel, MAX_SUMMARY_TOTAL)
+            .and_then(|b| decode_summary(&b, &f.path.display()))
+            .map_err(|e| e.to_string())?;
         if h.system_identifier != m.system_identifier {
             return Err(format!("summary \"{}\" is of another cluster", f.path.display()));
         }

@@ -286,6 +286,7 @@ fn restore(opts: &RestoreOptions, progress: &Progress, as_backed_up: bool) -> Re
         }
     }
     let verify_secs = t.elapsed().as_secs_f64();
+
     // 3. As the owner: replace, lay out, write.
     if let Some(u) = &owner {
         prepare_target_as_root(&opts.target, target_state, u)?;

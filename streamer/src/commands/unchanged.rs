@@ -5,9 +5,10 @@
 //! The case is a failed primary, or any copy of the backed-up cluster that
 //! went on after the backup, brought back to the backup's point. When the
 //! target
-//! - is the same cluster (system identifier) and was shut down cleanly, so
-//!   every change to its files is in WAL before its last checkpoint (a
-//!   standby's: before its minimum recovery point);
+//! - is the same cluster (system identifier) and a primary shut down
+//!   cleanly, so every change to its files is in WAL before its shutdown
+//!   checkpoint (a standby's data directory is compared in full: what it
+//!   replayed past its last restartpoint is not proven here yet);
 //! - logs hint-bit changes (data checksums or `wal_log_hints`): the first
 //!   hint-bit change to a page after a checkpoint writes the page to WAL,
 //!   and a later one touches a page already in WAL since that checkpoint;
@@ -97,9 +98,14 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
     if control.block_size != m.block_size || control.relseg_size != m.relseg_size {
         return Err("the target's block or segment size is not the backup's".into());
     }
+    // A primary shut down cleanly: every change to its files is in WAL
+    // before its shutdown checkpoint record.
     let until = match control.state {
         SHUT_DOWN => control.checkpoint,
-        SHUT_DOWN_IN_RECOVERY => control.checkpoint.max(control.min_recovery_point),
+        SHUT_DOWN_IN_RECOVERY => return Err(format!(
+            "the target is a standby (shut down in recovery at {}); this version relies only on a primary's tracking",
+            control.min_recovery_point
+        )),
         s => return Err(format!("the target was not shut down cleanly (control file state {s})")),
     };
     if control.data_checksum_version == 0 && !control.wal_log_hints {
@@ -168,6 +174,14 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
             .map_err(|e| e.to_string())?;
         if h.system_identifier != m.system_identifier {
             return Err(format!("summary \"{}\" is of another cluster", f.path.display()));
+        }
+        if (h.timeline, h.start, h.end) != (f.timeline, f.start, f.end) {
+            return Err(format!(
+                "summary \"{}\" covers {} to {}, not what its name says",
+                f.path.display(),
+                h.start,
+                h.end
+            ));
         }
         if h.gap {
             return Err(format!("summary \"{}\" marks a gap in the target's tracking", f.path.display()));

@@ -48,8 +48,9 @@ const TRACKING_DIR: &str = "pg_blocktrack";
 const MAX_SUMMARY_TOTAL: u64 = 1 << 30;
 
 /// WAL after the summaries read at most (a summarizer that fell behind
-/// this far is better replaced by comparing).
-const MAX_TAIL: u64 = 256 << 20;
+/// this far is better replaced by comparing); it also bounds the largest
+/// record read into memory.
+const MAX_TAIL: u64 = 64 << 20;
 
 /// The target's WAL directory: `pg_wal`, or where its link points (initdb
 /// -X makes one); an absolute link only.

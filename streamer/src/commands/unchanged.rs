@@ -103,10 +103,12 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
     // before its shutdown checkpoint record.
     let until = match control.state {
         SHUT_DOWN => control.checkpoint,
-        SHUT_DOWN_IN_RECOVERY => return Err(format!(
+        SHUT_DOWN_IN_RECOVERY => {
+            return Err(format!(
             "the target is a standby (shut down in recovery at {}); this version relies only on a primary's tracking",
             control.min_recovery_point
-        )),
+        ))
+        }
         s => return Err(format!("the target was not shut down cleanly (control file state {s})")),
     };
     if control.data_checksum_version == 0 && !control.wal_log_hints {

@@ -42,6 +42,7 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::{u32_at, u64_at};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::safe_fs;
@@ -396,14 +397,6 @@ pub fn encode_summary(h: &SummaryHeader, table: &BlockRefTable) -> Vec<u8> {
     let crc = crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 /// Parses summary file bytes, checking every field against its bounds; `what` names the file.

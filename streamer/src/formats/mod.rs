@@ -19,3 +19,17 @@ pub mod pg_database;
 pub mod stream;
 pub mod timeline;
 pub mod wal;
+
+/// Little-endian integers at `at` of bytes whose length the caller has
+/// already checked (an index past the end panics, as slicing does).
+pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}

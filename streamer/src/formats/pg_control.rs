@@ -13,6 +13,7 @@
 
 use std::fmt;
 
+use super::{u32_at, u64_at};
 use crate::blkref::crc32c;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
@@ -49,14 +50,6 @@ pub struct ControlFile {
     pub wal_block_size: u32,
     pub wal_segment_size: u32,
     pub data_checksum_version: u32,
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 impl ControlFile {

@@ -9,6 +9,7 @@
 //! before it is used; a page that is not a heap page of the expected shape
 //! is an error naming the block.
 
+use super::{u16_at, u32_at};
 use crate::error::{Error, Result};
 
 /// The relation map of shared catalogs.
@@ -26,14 +27,6 @@ const LP_NORMAL: u32 = 1;
 const HEAP_XMAX_COMMITTED: u16 = 0x0400;
 const HEAP_XMAX_INVALID: u16 = 0x0800;
 const HEAP_XMAX_LOCK_ONLY: u16 = 0x0080;
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
 
 /// The file number of `pg_database` in a relation map; `what` names the file in errors.
 pub fn pg_database_filenode(map: &[u8], what: &str) -> Result<u32> {

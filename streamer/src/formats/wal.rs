@@ -17,6 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use super::{u16_at, u32_at, u64_at};
 use crate::blkref::{crc32c, BlockRefTable, RelFork};
 use crate::lsn::{wal_file_name, Lsn};
 use crate::safe_fs;
@@ -54,18 +55,6 @@ const XLOG_XACT_PREPARE: u8 = 0x10;
 const XLOG_XACT_ASSIGNMENT: u8 = 0x50;
 const XLOG_XACT_HAS_INFO: u8 = 0x80;
 const XACT_XINFO_HAS_RELFILENODES: u32 = 1 << 2;
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-}
 
 /// Reads WAL pages of one timeline from a directory of segment files.
 struct Pages<'a> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use blockstream::blkref::{covering, list_summaries, read_summary, BlockRefTable, SummaryFile, MAIN_FORK};
 use blockstream::lsn::Lsn;
-use blockstream::timeline::{History, MAX_HISTORY_BYTES};
+use blockstream::timeline::History;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -43,18 +43,9 @@ pub fn wal_end() -> (Lsn, u32) {
 /// has none; any other needs its history file (a promotion writes it, a
 /// standby fetches it before following the timeline).
 pub fn history(tli: u32) -> Result<History, String> {
-    if tli <= 1 {
-        return Ok(History::only(tli));
-    }
     // SAFETY: DataDir is set (absolute) before any backend or worker runs.
     let dd = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
-    let path = std::path::Path::new(&*dd.to_string_lossy()).join("pg_wal").join(format!("{tli:08X}.history"));
-    // No link followed, nothing but a regular file (a FIFO would block the
-    // summarizer), at most MAX_HISTORY_BYTES.
-    let bytes = blockstream::safe_fs::read_regular(&path, MAX_HISTORY_BYTES)
-        .map_err(|e| format!("could not read the history of timeline {tli}: {e}"))?;
-    let text = String::from_utf8(bytes).map_err(|_| format!("\"{}\" is not text", path.display()))?;
-    History::parse(tli, &text).map_err(|e| format!("\"{}\": {e}", path.display()))
+    blockstream::timeline::read_history(&std::path::Path::new(&*dd.to_string_lossy()).join("pg_wal"), tli)
 }
 
 /// The history of the timeline this server writes (or replays) now.

@@ -37,7 +37,7 @@ use crate::manifest::{Incremental, Manifest};
 use crate::pg_control::{ControlFile, SHUT_DOWN, SHUT_DOWN_IN_RECOVERY};
 use crate::plan::{ChangeSet, FileCopy, Planner};
 use crate::safe_fs;
-use crate::timeline::{History, MAX_HISTORY_BYTES};
+use crate::timeline::{read_history, History};
 use crate::wal;
 
 /// Where pg_blocktrack keeps its state and summaries in a data directory.
@@ -119,10 +119,7 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
     let history = if control.timeline <= 1 {
         History::only(control.timeline)
     } else {
-        let name = format!("{:08X}.history", control.timeline);
-        let text = safe_fs::read_beneath(&wal_dir(target)?, &name, MAX_HISTORY_BYTES).map_err(|e| e.to_string())?;
-        let text = String::from_utf8(text).map_err(|_| format!("the target's {name} is not text"))?;
-        History::parse(control.timeline, &text).map_err(|e| format!("the target's {name}: {e}"))?
+        read_history(&wal_dir(target)?, control.timeline).map_err(|e| format!("the target's WAL: {e}"))?
     };
     history
         .holds(m.timeline, m.start_lsn)

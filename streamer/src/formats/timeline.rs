@@ -9,6 +9,8 @@
 //! timeline 2's history as well, and a backup that ended there is a parent
 //! an incremental on timeline 2 can build on.
 
+use std::path::Path;
+
 use crate::lsn::Lsn;
 
 /// Bytes read of a history file at most: a line per timeline switch, a few
@@ -109,6 +111,22 @@ impl History {
     pub fn timeline_of(&self, lsn: Lsn) -> u32 {
         self.switches.iter().find(|s| lsn < s.switch).map_or(self.timeline, |s| s.parent)
     }
+}
+
+/// Timeline `tli` and its history, from its history file in the WAL
+/// directory `wal_dir` (timeline 1 has none). The file is opened below
+/// `wal_dir` with no link followed, must be a regular file (a FIFO would
+/// block the reader) and at most [`MAX_HISTORY_BYTES`].
+pub fn read_history(wal_dir: &Path, tli: u32) -> std::result::Result<History, String> {
+    if tli <= 1 {
+        return Ok(History::only(tli));
+    }
+    let name = format!("{tli:08X}.history");
+    let path = wal_dir.join(&name);
+    let bytes = crate::safe_fs::read_beneath(wal_dir, &name, MAX_HISTORY_BYTES)
+        .map_err(|e| format!("could not read the history of timeline {tli}: {e}"))?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("\"{}\" is not text", path.display()))?;
+    History::parse(tli, &text).map_err(|e| format!("\"{}\": {e}", path.display()))
 }
 
 #[cfg(test)]

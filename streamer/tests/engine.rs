@@ -218,6 +218,18 @@ fn archive_push_fetch_gaps_and_prune() {
     assert!(archive::fetch(&repo, &wal_file_name(1, 3, seg as u64)).unwrap().is_none());
     assert!(archive::fetch(&repo, &wal_file_name(1, 5, seg as u64)).unwrap().is_some());
     assert!(archive::fetch(&repo, "00000002.history").unwrap().is_some());
+    // Timeline 1 went on past the fork (the old primary), with segment 7 missing.
+    push(&wal_file_name(1, 8, seg as u64), &fake_segment(42, seg, 8)).unwrap();
+    let listing = archive::list(&repo, seg as u64).unwrap();
+    let texts = |g: &[archive::Gap]| g.iter().map(|g| g.text.clone()).collect::<Vec<_>>();
+    // A backup that ended before the fork follows timeline 2, which has it all.
+    let before = archive::gaps(&repo, &listing, 1, Lsn(5 * seg as u64 + 0x100), seg as u64).unwrap();
+    assert!(before.is_empty(), "{:?}", texts(&before));
+    // One that ended on timeline 1 after the fork cannot follow timeline 2:
+    // its WAL is timeline 1's, where segment 7 is missing.
+    let after = archive::gaps(&repo, &listing, 1, Lsn(6 * seg as u64 + 0xA0), seg as u64).unwrap();
+    assert_eq!(after.len(), 1, "{:?}", texts(&after));
+    assert_eq!((after[0].timeline, after[0].first_segment, after[0].last_segment), (1, 7, 7));
 }
 
 /// Committed repositories, one per manifest format version

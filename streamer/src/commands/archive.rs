@@ -44,7 +44,7 @@ use crate::lsn::{parse_wal_file_name, wal_file_name, Lsn};
 use crate::repo::Repo;
 use crate::safe_fs;
 use crate::storage::{self, Kind};
-use crate::timeline::parse_history;
+use crate::timeline::History;
 
 pub const ARCHIVE_DIR: &str = "archive";
 /// Where `wal-receive` writes the segment it is receiving.
@@ -541,29 +541,27 @@ pub fn list(repo: &Repo, segment_size: u64) -> Result<Listing> {
     Ok(out)
 }
 
-/// The timelines from `tli` to the newest one descending from it, with the
-/// LSN where each one ends (None for the last): from the archived history
-/// files.
-pub fn timeline_path(repo: &Repo, tli: u32, listing: &Listing) -> Result<Vec<(u32, Option<Lsn>)>> {
-    // Each archived history file says where each of its ancestors ended.
-    let mut ends: BTreeMap<u32, Vec<(u32, Lsn)>> = BTreeMap::new();
-    for &t in &listing.histories {
-        if let Some(raw) = fetch(repo, &format!("{t:08X}.history"))? {
-            let switches = parse_history(&String::from_utf8_lossy(&raw))
-                .map_err(|e| Error::Corrupt(format!("archived timeline history {t:08X}.history: {e}")))?;
-            ends.insert(t, switches.iter().map(|s| (s.parent, s.switch)).collect());
+/// The timelines from `tli` to the newest one whose history holds `tli` up
+/// to `stop` (the end of a backup), with the LSN where each one ends (None
+/// for the last): from the archived history files. A timeline that left
+/// `tli` before `stop` forked from another history (a failover before the
+/// backup ended, the old primary going on): recovery from that backup cannot
+/// follow it, PostgreSQL refuses to, and neither does this path.
+pub fn timeline_path(repo: &Repo, tli: u32, stop: Lsn, listing: &Listing) -> Result<Vec<(u32, Option<Lsn>)>> {
+    let mut newest: Option<History> = None;
+    for &t in listing.histories.iter().rev().filter(|&&t| t > tli) {
+        let Some(raw) = fetch(repo, &format!("{t:08X}.history"))? else { continue };
+        let history = History::parse(t, &String::from_utf8_lossy(&raw))
+            .map_err(|e| Error::Corrupt(format!("archived timeline history {t:08X}.history: {e}")))?;
+        if history.holds(tli, stop).is_ok() {
+            newest = Some(history);
+            break;
         }
     }
-    // The newest timeline whose history runs through `tli`.
-    let newest =
-        ends.iter().filter(|(_, parents)| parents.iter().any(|(p, _)| *p == tli)).map(|(t, _)| *t).max().unwrap_or(tli);
-    if newest == tli {
-        return Ok(vec![(tli, None)]);
-    }
-    let chain = &ends[&newest];
+    let Some(history) = newest else { return Ok(vec![(tli, None)]) };
     let mut path: Vec<(u32, Option<Lsn>)> =
-        chain.iter().skip_while(|(p, _)| *p != tli).map(|(p, lsn)| (*p, Some(*lsn))).collect();
-    path.push((newest, None));
+        history.switches().iter().skip_while(|s| s.parent != tli).map(|s| (s.parent, Some(s.switch))).collect();
+    path.push((history.timeline, None));
     Ok(path)
 }
 
@@ -577,12 +575,14 @@ pub struct Gap {
     pub text: String,
 }
 
-/// Gaps in the archive from `start_lsn` on timeline `tli` to the newest
-/// segment archived on the newest timeline after it.
-pub fn gaps(repo: &Repo, listing: &Listing, tli: u32, start_lsn: Lsn, segment_size: u64) -> Result<Vec<Gap>> {
-    let path = timeline_path(repo, tli, listing)?;
+/// Gaps in the archive after a backup that ended at `stop` on timeline
+/// `tli`: from the segment after the one holding `stop` to the newest
+/// segment archived on the newest timeline that descends from that point
+/// ([`timeline_path`]).
+pub fn gaps(repo: &Repo, listing: &Listing, tli: u32, stop: Lsn, segment_size: u64) -> Result<Vec<Gap>> {
+    let path = timeline_path(repo, tli, stop, listing)?;
     let mut problems = Vec::new();
-    let mut segno = start_lsn.segment(segment_size);
+    let mut segno = stop.previous_segment(segment_size) + 1;
     let last_tli = path.last().map_or(tli, |(t, _)| *t);
     let newest = listing.segments.get(&last_tli).and_then(|s| s.last().copied()).unwrap_or(segno);
     for (t, end) in &path {

@@ -646,7 +646,7 @@ fn check_archive_reaches(repo: &Repo, m: &Manifest, target: &RecoveryTarget) -> 
     if !beyond {
         return Ok(());
     }
-    let gaps = archive::gaps(repo, &listing, m.timeline, Lsn((stop_seg + 1) * seg), seg)?;
+    let gaps = archive::gaps(repo, &listing, m.timeline, m.stop_lsn, seg)?;
     let Some(first) = gaps.first() else { return Ok(()) };
     match target {
         RecoveryTarget::Lsn(l) => match gaps.iter().find(|g| g.first_segment <= l.segment(seg)) {

@@ -545,7 +545,7 @@ pub fn verify_manifest(repo: &Repo, m: &Manifest, jobs: usize, progress: &Progre
     let stop_seg = m.stop_lsn.previous_segment(seg);
     match crate::archive::list(repo, seg) {
         Ok(listing) if listing.segments.iter().any(|(t, s)| *t >= m.timeline && s.iter().any(|&n| n > stop_seg)) => {
-            match crate::archive::gaps(repo, &listing, m.timeline, crate::lsn::Lsn((stop_seg + 1) * seg), seg) {
+            match crate::archive::gaps(repo, &listing, m.timeline, m.stop_lsn, seg) {
                 Ok(gaps) => {
                     for g in gaps {
                         check.problems.push(problem("archive", format!("{} (after backup {})", g.text, m.backup_id)));

@@ -9,7 +9,7 @@ cd "$ROOT"
 step "Debian packages"
 packages=(postgresql-15 postgresql-client-15 postgresql-server-dev-15 postgresql-15-cron
           libclang-dev clang sudo pgbackrest zstd util-linux libpq-dev pkg-config openssl
-          chromium fonts-dejavu-core)
+          chromium fonts-dejavu-core fio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -178,6 +178,66 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
     fresh.stop();
 }
 
+/// A primary that crashed (`pg_ctl -m immediate`) with changed pages on
+/// disk that its summaries do not name: it ran with few shared buffers, so
+/// updates after its last summary and its last checkpoint were written out
+/// as buffers were evicted. `--delta` follows its WAL past the checkpoint to
+/// where the valid WAL ends, as crash recovery would, and gives the same
+/// files, byte for byte, as a delta comparing every block; the result
+/// starts at the backup's point.
+#[test]
+fn delta_over_a_crashed_primary_follows_its_wal_to_the_end() {
+    let base = scratch("delta-crash");
+    let src = Cluster::init("source", &base);
+    // Summaries only when asked for; buffers evicted (and written) early.
+    src.append_conf("shared_buffers = 16MB\nblocktrack.summary_interval = 3600");
+    src.start();
+    src.sql("postgres", "CREATE EXTENSION pg_blocktrack");
+    src.pgbench_init(10);
+    let repo = base.join("repo");
+    backup(&src, &repo, &["-j", "2"]);
+    let at_backup = src.dumpall();
+    pgbench_run(&src, 500);
+    src.sql("postgres", "CHECKPOINT");
+    src.sql("postgres", "SELECT blocktrack.flush_summary()");
+    // After the last summary and the last checkpoint: about 3000 pages of
+    // pgbench_accounts changed, more than the shared buffers hold.
+    for k in 0..3 {
+        src.sql("postgres", &format!("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 997 = {k}"));
+    }
+    run(as_postgres("pg_ctl").arg("-D").arg(&src.data).args(["-m", "immediate", "-w", "stop"]));
+    let compared_copy = base.join("crashed-compared");
+    copy_tree(&src.data, &compared_copy);
+
+    let r = restore_json(&repo, &src.data, &["--delta"]);
+    let basis = r["delta_basis"].as_str().unwrap();
+    eprintln!("delta over the crashed primary: {basis}");
+    assert!(basis.contains("to the end of its WAL: it stopped without a shutdown checkpoint"), "{r}");
+    let records: u64 = basis
+        .split(" WAL records after them")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of WAL records in: {basis}"));
+    assert!(records >= 3000, "the updates after the last summary were read from the WAL: {basis}");
+    let restored = r["bytes_restored"].as_u64().unwrap();
+    assert!(r["bytes_compared"].as_u64().unwrap() < restored / 10, "{r}");
+    let rc = restore_json(&repo, &compared_copy, &["--delta", "--delta-compare-all"]);
+    let (tracked, compared) = (tree(&src.data), tree(&compared_copy));
+    assert_eq!(tracked.len(), compared.len());
+    for (rel, bytes) in &tracked {
+        assert!(compared.get(rel) == Some(bytes), "{rel} differs between the tracked and the compared delta");
+    }
+    assert_eq!(rc["delta_basis"], "every block compared (--delta-compare-all)", "{rc}");
+    let back = Cluster::restored("crash-restored", &src.data, &base);
+    back.start();
+    back.wait_promoted();
+    assert_same_dump(&at_backup, &back.dumpall(), "delta restore over the crashed primary");
+    assert_pgbench_balances(&back, "delta restore over the crashed primary");
+    assert_amcheck_clean(&back, "delta restore over the crashed primary");
+    back.stop();
+}
+
 /// A delta restore killed midway leaves a directory without pg_control
 /// (it cannot start, so it is never taken for a good copy); run again, it
 /// completes.

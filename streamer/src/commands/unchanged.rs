@@ -5,18 +5,23 @@
 //! The case is a failed primary, or any copy of the backed-up cluster that
 //! went on after the backup, brought back to the backup's point. When the
 //! target
-//! - is the same cluster (system identifier) and a primary shut down
-//!   cleanly, so every change to its files is in WAL before its shutdown
-//!   checkpoint (a standby's data directory is compared in full: what it
-//!   replayed past its last restartpoint is not proven here yet);
+//! - is the same cluster (system identifier) and a primary, shut down
+//!   cleanly (every change to its files is in WAL before its shutdown
+//!   checkpoint) or not (a crash: a page reaches the disk only after the
+//!   WAL that changed it, so every change is in the WAL up to where its
+//!   valid WAL ends, which is where crash recovery would end it); a
+//!   standby's data directory is compared in full: what it replayed past
+//!   its last restartpoint is not proven here yet;
 //! - logs hint-bit changes (data checksums or `wal_log_hints`): the first
 //!   hint-bit change to a page after a checkpoint writes the page to WAL,
 //!   and a later one touches a page already in WAL since that checkpoint;
 //! - has a WAL history that holds the backup's timeline up to where it
 //!   started, pg_blocktrack summaries of its WAL from there on, none of
-//!   them a gap, and the WAL after them up to its last checkpoint in
-//!   pg_wal (the summarizer stops with the other processes at shutdown,
-//!   before they are done writing), read with [`crate::wal`];
+//!   them a gap, and the WAL after them in pg_wal (the summarizer stops
+//!   with the other processes at shutdown, before they are done writing):
+//!   up to the shutdown checkpoint, or after a crash every record up to
+//!   the last checkpoint and on to the end of the valid WAL, read with
+//!   [`crate::wal`];
 //!
 //! then a block none of those summaries names holds what it held when the
 //! backup started. That is a valid copy of the block for the backup, as
@@ -33,12 +38,15 @@
 use std::path::Path;
 
 use crate::blkref::{covering, decode_summary, list_summaries, BlockRefTable, TrackerState};
+use crate::lsn::Lsn;
 use crate::manifest::{Incremental, Manifest};
-use crate::pg_control::{ControlFile, SHUT_DOWN, SHUT_DOWN_IN_RECOVERY};
+use crate::pg_control::{
+    ControlFile, IN_ARCHIVE_RECOVERY, IN_CRASH_RECOVERY, IN_PRODUCTION, SHUTTING_DOWN, SHUT_DOWN, SHUT_DOWN_IN_RECOVERY,
+};
 use crate::plan::{ChangeSet, FileCopy, Planner};
 use crate::safe_fs;
 use crate::timeline::{read_history, History};
-use crate::wal;
+use crate::wal::{self, WalEnd};
 
 /// Where pg_blocktrack keeps its state and summaries in a data directory.
 const TRACKING_DIR: &str = "pg_blocktrack";
@@ -100,16 +108,20 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
         return Err("the target's block or segment size is not the backup's".into());
     }
     // A primary shut down cleanly: every change to its files is in WAL
-    // before its shutdown checkpoint record.
-    let until = match control.state {
-        SHUT_DOWN => control.checkpoint,
-        SHUT_DOWN_IN_RECOVERY => {
+    // before its shutdown checkpoint record. One that crashed: every change
+    // is in WAL before the end of its valid WAL, which follows its last
+    // checkpoint record.
+    let until = control.checkpoint;
+    let crashed = match control.state {
+        SHUT_DOWN => false,
+        SHUTTING_DOWN | IN_CRASH_RECOVERY | IN_PRODUCTION => true,
+        SHUT_DOWN_IN_RECOVERY | IN_ARCHIVE_RECOVERY => {
             return Err(format!(
-            "the target is a standby (shut down in recovery at {}); this version relies only on a primary's tracking",
-            control.min_recovery_point
-        ))
+                "the target is a standby (stopped in recovery at {}); this version relies only on a primary's tracking",
+                control.min_recovery_point
+            ))
         }
-        s => return Err(format!("the target was not shut down cleanly (control file state {s})")),
+        s => return Err(format!("the target stopped while starting up (control file state {s})")),
     };
     if control.data_checksum_version == 0 && !control.wal_log_hints {
         return Err(
@@ -155,14 +167,11 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
         ));
     }
     // The summarizer stops with the other processes at shutdown: the last
-    // of their WAL, up to the checkpoint, is read from pg_wal below.
-    let summarized = files
-        .iter()
-        .filter(|f| history.holds(f.timeline, f.end).is_ok())
-        .map(|f| f.end)
-        .max()
-        .unwrap_or(m.start_lsn)
-        .clamp(m.start_lsn, until);
+    // of their WAL, up to the checkpoint, is read from pg_wal below. After
+    // a crash the summaries may end past the last checkpoint.
+    let summarized =
+        files.iter().filter(|f| history.holds(f.timeline, f.end).is_ok()).map(|f| f.end).max().unwrap_or(m.start_lsn);
+    let summarized = if crashed { summarized.max(m.start_lsn) } else { summarized.clamp(m.start_lsn, until) };
     let chosen = covering(&files, &history, m.start_lsn, summarized).map_err(|why| format!("the target's {why}"))?;
     let mut table = BlockRefTable::default();
     for f in &chosen {
@@ -189,8 +198,10 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
         table.merge(&t);
     }
     let mut tail_records = 0;
-    if summarized < until {
-        if until.0 - summarized.0 > MAX_TAIL {
+    let mut followed_to = until;
+    if crashed || summarized < until {
+        let limit = Lsn(summarized.0.saturating_add(MAX_TAIL));
+        if until > limit {
             return Err(format!(
                 "the target's WAL is summarized up to {summarized}, more than {} MiB before its last checkpoint at {until}",
                 MAX_TAIL >> 20
@@ -200,14 +211,15 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
             return Err(format!("the target's WAL from {summarized} to {until} spans a timeline switch"));
         }
         let dir = wal_dir(target)?;
-        tail_records = wal::changes_between(
+        let to = if crashed { WalEnd::AfterCheckpoint { checkpoint: until, limit } } else { WalEnd::Record(until) };
+        (tail_records, followed_to) = wal::changes_between(
             &dir,
             control.timeline,
             m.system_identifier,
             control.wal_segment_size as u64,
             control.wal_block_size as u64,
             summarized,
-            until,
+            to,
             &mut table,
         )
         .map_err(|why| format!("the target's WAL after its summaries: {why}"))?;
@@ -226,11 +238,12 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
     Ok(TargetChanges {
         files,
         basis: format!(
-            "the target's change tracking from {} to {} ({} summaries, {} WAL records after them) names the blocks that may differ",
+            "the target's change tracking from {} to {} ({} summaries, {} WAL records after them{}) names the blocks that may differ",
             m.start_lsn,
-            until,
+            followed_to,
             chosen.len(),
-            tail_records
+            tail_records,
+            if crashed { ", to the end of its WAL: it stopped without a shutdown checkpoint" } else { "" }
         ),
     })
 }

@@ -27,6 +27,14 @@ const FLOAT_FORMAT: f64 = 1_234_567.0;
 pub const SHUT_DOWN: u32 = 1;
 /// `DB_SHUTDOWNED_IN_RECOVERY`: a standby shut down cleanly.
 pub const SHUT_DOWN_IN_RECOVERY: u32 = 2;
+/// `DB_SHUTDOWNING`: a primary that stopped while shutting down (a crash).
+pub const SHUTTING_DOWN: u32 = 3;
+/// `DB_IN_CRASH_RECOVERY`: a primary that stopped in crash recovery.
+pub const IN_CRASH_RECOVERY: u32 = 4;
+/// `DB_IN_ARCHIVE_RECOVERY`: a standby, or a server recovering from archived WAL.
+pub const IN_ARCHIVE_RECOVERY: u32 = 5;
+/// `DB_IN_PRODUCTION`: a running primary, or one that crashed.
+pub const IN_PRODUCTION: u32 = 6;
 
 /// The fields of a control file the engine uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,8 +1,9 @@
 //! WAL records, read from a stopped server's `pg_wal`: which blocks a
 //! stretch of WAL changed. A delta restore reads the few records between
-//! where pg_blocktrack's summaries end and the server's last checkpoint
+//! where pg_blocktrack's summaries end and the server's shutdown checkpoint
 //! (the summarizer stops with the other processes at shutdown, before the
-//! last of their WAL is flushed).
+//! last of their WAL is flushed), or after a crash on to the end of the
+//! valid WAL ([`WalEnd`]).
 //!
 //! The page and record layouts are xlog_internal.h's and xlogrecord.h's,
 //! the same from PostgreSQL 15 to 18. Every page header is checked against
@@ -150,10 +151,62 @@ impl Pages<'_> {
     }
 }
 
+/// How far [`changes_between`] follows the WAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalEnd {
+    /// To the start of this record, every record before it read (a clean
+    /// shutdown's checkpoint record).
+    Record(Lsn),
+    /// Every record up to the start of `checkpoint` read, then on to the end
+    /// of the valid WAL, as crash recovery finds it: the first record that
+    /// cannot be read (a page of another address, a zero or short length, a
+    /// wrong link to the record before, a failed CRC) ends it. A record that
+    /// reads but goes past `limit` is an error, not an end.
+    AfterCheckpoint { checkpoint: Lsn, limit: Lsn },
+}
+
+/// Why a record could not be read.
+enum Unread {
+    /// Not a record (where the valid WAL ends, after a crash).
+    Invalid(String),
+    /// A record larger than what may be read.
+    TooLong(String),
+}
+
+/// Reads the whole record starting at `at` into `rec`, checked: its length
+/// (no further than `limit`), its link to the record before (`prev`, when
+/// known) and its CRC. Returns where it ends.
+fn read_record(pages: &mut Pages, at: u64, prev: Option<u64>, limit: u64, rec: &mut Vec<u8>) -> Result<u64, Unread> {
+    pages.read(at, RECORD_HEADER, rec).map_err(Unread::Invalid)?;
+    let len = u32_at(rec, 0) as u64;
+    if len < RECORD_HEADER as u64 || len > MAX_RECORD {
+        return Err(Unread::Invalid(format!("WAL record at {} claims {len} bytes", Lsn(at))));
+    }
+    if let Some(p) = prev.filter(|&p| u64_at(rec, 8) != p) {
+        return Err(Unread::Invalid(format!(
+            "WAL record at {} links to {}, not to the record before it at {}",
+            Lsn(at),
+            Lsn(u64_at(rec, 8)),
+            Lsn(p)
+        )));
+    }
+    if len > limit.saturating_sub(at) {
+        return Err(Unread::TooLong(format!("WAL record at {} claims {len} bytes, past {}", Lsn(at), Lsn(limit))));
+    }
+    let end = pages.read(at, len as usize, rec).map_err(Unread::Invalid)?;
+    let mut crc_input = Vec::with_capacity(rec.len());
+    crc_input.extend_from_slice(&rec[RECORD_HEADER..]);
+    crc_input.extend_from_slice(&rec[..20]);
+    if crc32c(&crc_input) != u32_at(rec, 20) {
+        return Err(Unread::Invalid(format!("WAL record at {} fails its CRC check", Lsn(at))));
+    }
+    Ok(end)
+}
+
 /// Marks in `table` every block the WAL records from `from` (a record's end,
-/// as summaries end) to `to` (the start of a record) change, reading
-/// timeline `timeline`'s segment files in `dir`. Returns the number of
-/// records read, or why the range cannot be followed.
+/// as summaries end) up to `to` change, reading timeline `timeline`'s
+/// segment files in `dir`. Returns the number of records read and where the
+/// WAL followed ends, or why the range cannot be followed.
 #[allow(clippy::too_many_arguments)]
 pub fn changes_between(
     dir: &Path,
@@ -162,9 +215,9 @@ pub fn changes_between(
     segment_size: u64,
     page_size: u64,
     from: Lsn,
-    to: Lsn,
+    to: WalEnd,
     table: &mut BlockRefTable,
-) -> Result<u64, String> {
+) -> Result<(u64, Lsn), String> {
     let mut pages = Pages {
         dir,
         timeline,
@@ -175,36 +228,42 @@ pub fn changes_between(
         page_at: None,
         page: Vec::new(),
     };
-    let mut at = pages.record_start(from.0)?;
+    // Records before `must_read` must all be there; past it, with `to_end`,
+    // the first one that is not ends the WAL.
+    let (must_read, limit, to_end) = match to {
+        WalEnd::Record(l) => (l.0, l.0, false),
+        WalEnd::AfterCheckpoint { checkpoint, limit } => (checkpoint.0, limit.0, true),
+    };
+    let mut at = from.0;
+    let mut prev = None;
     let mut records = 0;
     let mut rec = Vec::new();
-    while at < to.0 {
-        pages.read(at, RECORD_HEADER, &mut rec)?;
-        let len = u32_at(&rec, 0) as u64;
-        if len < RECORD_HEADER as u64 || len > MAX_RECORD || len > to.0 - at {
-            return Err(format!("WAL record at {} claims {len} bytes", Lsn(at)));
+    loop {
+        let start = match pages.record_start(at) {
+            Ok(s) => s,
+            Err(_) if to_end && at >= must_read => break,
+            Err(e) => return Err(e),
+        };
+        if !to_end && start >= must_read {
+            at = start;
+            break;
         }
-        let end = pages.read(at, len as usize, &mut rec)?;
-        let mut crc_input = Vec::with_capacity(rec.len());
-        crc_input.extend_from_slice(&rec[RECORD_HEADER..]);
-        crc_input.extend_from_slice(&rec[..20]);
-        if crc32c(&crc_input) != u32_at(&rec, 20) {
-            return Err(format!("WAL record at {} fails its CRC check", Lsn(at)));
-        }
+        let end = match read_record(&mut pages, start, prev, limit, &mut rec) {
+            Ok(end) => end,
+            Err(Unread::Invalid(_)) if to_end && start >= must_read => break,
+            Err(Unread::Invalid(why) | Unread::TooLong(why)) => return Err(why),
+        };
         let (rmid, info) = (rec[17], rec[16]);
         record_changes(&rec, table)
-            .map_err(|why| format!("WAL record at {} (resource manager {rmid}): {why}", Lsn(at)))?;
+            .map_err(|why| format!("WAL record at {} (resource manager {rmid}): {why}", Lsn(start)))?;
         records += 1;
-        at = if rmid == RM_XLOG && info & 0xF0 == XLOG_SWITCH {
-            pages.record_start(end.next_multiple_of(segment_size))?
-        } else {
-            pages.record_start(end)?
-        };
+        prev = Some(start);
+        at = if rmid == RM_XLOG && info & 0xF0 == XLOG_SWITCH { end.next_multiple_of(segment_size) } else { end };
     }
-    if at != to.0 {
-        return Err(format!("the WAL records from {from} end at {}, not at {to}", Lsn(at)));
+    if !to_end && at != must_read {
+        return Err(format!("the WAL records from {from} end at {}, not at {}", Lsn(at), Lsn(must_read)));
     }
-    Ok(records)
+    Ok((records, Lsn(at)))
 }
 
 /// Marks the blocks of one whole record (header included, its length and
@@ -346,6 +405,17 @@ mod tests {
         r
     }
 
+    /// `r` with its link to the record before set to `prev`, its CRC made again.
+    fn relink(r: &[u8], prev: u64) -> Vec<u8> {
+        let mut r = r.to_vec();
+        r[8..16].copy_from_slice(&prev.to_le_bytes());
+        let mut crc_input = r[RECORD_HEADER..].to_vec();
+        crc_input.extend_from_slice(&r[..20]);
+        let crc = crc32c(&crc_input);
+        r[20..24].copy_from_slice(&crc.to_le_bytes());
+        r
+    }
+
     /// Lays `records` out as PostgreSQL would from the start of segment 1 of
     /// timeline 1 (one 1 MiB segment file in a new directory); returns the
     /// directory, each record's start and the end of the last.
@@ -379,6 +449,8 @@ mod tests {
             if at.is_multiple_of(PAGE) {
                 at += write_header(&mut seg, at, 0);
             }
+            // Linked to the record before, as PostgreSQL links them.
+            let r = relink(r, starts.last().copied().unwrap_or(0));
             starts.push(base + at);
             let mut left = &r[..];
             while !left.is_empty() {
@@ -403,7 +475,15 @@ mod tests {
 
     fn follow(dir: &Path, from: u64, to: u64) -> (Result<u64, String>, BlockRefTable) {
         let mut t = BlockRefTable::default();
-        (changes_between(dir, 1, 7, SEG, PAGE, Lsn(from), Lsn(to), &mut t), t)
+        let r = changes_between(dir, 1, 7, SEG, PAGE, Lsn(from), WalEnd::Record(Lsn(to)), &mut t);
+        (r.map(|(n, _)| n), t)
+    }
+
+    /// To the end of the valid WAL after the checkpoint record at `checkpoint`.
+    fn to_end(dir: &Path, from: u64, checkpoint: u64, limit: u64) -> (Result<(u64, Lsn), String>, BlockRefTable) {
+        let mut t = BlockRefTable::default();
+        let to = WalEnd::AfterCheckpoint { checkpoint: Lsn(checkpoint), limit: Lsn(limit) };
+        (changes_between(dir, 1, 7, SEG, PAGE, Lsn(from), to, &mut t), t)
     }
 
     fn key(rel: u32) -> RelFork {
@@ -465,6 +545,97 @@ mod tests {
         std::fs::write(&path, &seg).unwrap();
         assert!(follow(&dir, s[0], s[1]).0.unwrap_err().contains("recycled"));
         assert!(follow(&dir, s[0], s[1]).1.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// After a crash: every record to the last checkpoint must read; after
+    /// it, the WAL ends where a record does not (zeros, a record of
+    /// another time that does not link to the one before, a recycled page),
+    /// and what the records before that end change is marked.
+    #[test]
+    fn follows_a_crashed_server_to_the_end_of_its_wal() {
+        let checkpoint = record(RM_XLOG, 0x10, None, 0, 0, &[0; 88]);
+        let recs = vec![
+            record(10, 0, Some((16384, 3)), 0, 40, &[1]),
+            checkpoint,
+            record(10, 0, Some((16384, 9)), 8000, 20, &[2]),
+            record(10, 0, Some((16390, 5)), 0, 20, &[3]),
+        ];
+        let (dir, s, end) = lay_out("crash", &recs);
+        let limit = SEG + (64 << 10);
+        // Zeros after the last record end the WAL there.
+        let ends_at = |r: (u64, Lsn)| (r.0, r.1 .0.next_multiple_of(8));
+        let (r, t) = to_end(&dir, s[0], s[1], limit);
+        assert_eq!(ends_at(r.unwrap()), (4, end));
+        for (rel, blk) in [(16384, 3), (16384, 9), (16390, 5)] {
+            assert!(t.get(&key(rel)).unwrap().blocks.contains(blk), "{rel} block {blk}");
+        }
+        // Summaries that end past the checkpoint: only what follows them.
+        let (r, t) = to_end(&dir, s[3], s[1], limit);
+        assert_eq!(ends_at(r.unwrap()), (1, end));
+        assert!(t.get(&key(16384)).is_none());
+        // And when they end at the end of the WAL: nothing more.
+        assert_eq!(to_end(&dir, end, s[1], limit).0.unwrap(), (0, Lsn(end)));
+        // A valid record of another time where the WAL goes on: its link to
+        // the record before is wrong, so the WAL ends before it.
+        let path = dir.join(wal_file_name(1, 1, SEG));
+        let mut seg = std::fs::read(&path).unwrap();
+        let stale = relink(&record(10, 0, Some((16500, 1)), 0, 8, &[]), 0x1234_5678);
+        let at = (end.next_multiple_of(8) - SEG) as usize;
+        seg[at..at + stale.len()].copy_from_slice(&stale);
+        std::fs::write(&path, &seg).unwrap();
+        let (r, t) = to_end(&dir, s[0], s[1], limit);
+        assert_eq!(ends_at(r.unwrap()), (4, end));
+        assert!(t.get(&key(16500)).is_none());
+        // The same linked to the record before is followed.
+        let linked = relink(&stale, s[3]);
+        seg[at..at + linked.len()].copy_from_slice(&linked);
+        std::fs::write(&path, &seg).unwrap();
+        assert_eq!(to_end(&dir, s[0], s[1], limit).0.unwrap().0, 5);
+        // A record that reads but goes past the limit is no end: an error.
+        let err = to_end(&dir, s[0], s[1], s[3] + 8).0.unwrap_err();
+        assert!(err.contains("past"), "{err}");
+        // Before the checkpoint every record must read: a damaged one is an error.
+        let first = (s[0] - SEG) as usize + RECORD_HEADER + 1;
+        seg[first] ^= 1;
+        std::fs::write(&path, &seg).unwrap();
+        assert!(to_end(&dir, s[0], s[1], limit).0.unwrap_err().contains("CRC"));
+        // After it, a damaged record ends the WAL before it.
+        seg[first] ^= 1;
+        let third = (s[3] - SEG) as usize + RECORD_HEADER + 1;
+        seg[third] ^= 1;
+        std::fs::write(&path, &seg).unwrap();
+        let (n, at) = to_end(&dir, s[0], s[1], limit).0.unwrap();
+        assert!(n == 3 && at > Lsn(s[2]) && at <= Lsn(s[3]), "{n} records to {at}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Segments with random bytes changed, followed both ways: every
+    /// outcome is Ok or Err, and what is read stays within the limit.
+    #[test]
+    fn damaged_segments_never_panic() {
+        let recs: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| record(10, 0, Some((16384, i)), if i % 3 == 0 { 8000 } else { 0 }, 30, &[7; 9]))
+            .collect();
+        let (dir, s, end) = lay_out("damaged", &recs);
+        let path = dir.join(wal_file_name(1, 1, SEG));
+        let clean = std::fs::read(&path).unwrap();
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..300 {
+            let mut seg = clean.clone();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x % (end - SEG + 64)) as usize;
+                seg[at] ^= (x >> 32) as u8 | 1;
+            }
+            std::fs::write(&path, &seg).unwrap();
+            let _ = follow(&dir, s[0], s[39]);
+            if let Ok((n, at)) = to_end(&dir, s[0], s[5], SEG + (256 << 10)).0 {
+                assert!(n <= 40 && at.0 <= end + 8192, "{n} records to {at}");
+            }
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

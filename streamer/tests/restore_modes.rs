@@ -77,9 +77,8 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
     // The cluster goes on after the backup.
     pgbench_run(&src, 2000);
     src.sql("postgres", "CREATE TABLE after_backup AS SELECT g FROM generate_series(1, 50000) g");
-    // Summarized, so the WAL read after the summaries holds no file
-    // creation (which would make the delta compare every block); then
-    // more changes, which the summarizer may not reach before it stops.
+    // Summarized; then more changes, which the summarizer may not reach
+    // before it stops (the delta reads them from the WAL).
     src.sql("postgres", "SELECT blocktrack.flush_summary()");
     src.sql("postgres", "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 997 = 0");
     assert_ne!(src.dumpall(), at_backup);
@@ -181,10 +180,12 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
 /// A primary that crashed (`pg_ctl -m immediate`) with changed pages on
 /// disk that its summaries do not name: it ran with few shared buffers, so
 /// updates after its last summary and its last checkpoint were written out
-/// as buffers were evicted. `--delta` follows its WAL past the checkpoint to
-/// where the valid WAL ends, as crash recovery would, and gives the same
-/// files, byte for byte, as a delta comparing every block; the result
-/// starts at the backup's point.
+/// as buffers were evicted; a table was truncated (TRUNCATE: a new file,
+/// the old one dropped at commit), one shrunk by VACUUM and one created in
+/// that stretch too. `--delta` follows its WAL past the checkpoint to where
+/// the valid WAL ends, as crash recovery would, and gives the same files,
+/// byte for byte, as a delta comparing every block; the result starts at
+/// the backup's point.
 #[test]
 fn delta_over_a_crashed_primary_follows_its_wal_to_the_end() {
     let base = scratch("delta-crash");
@@ -194,14 +195,22 @@ fn delta_over_a_crashed_primary_follows_its_wal_to_the_end() {
     src.start();
     src.sql("postgres", "CREATE EXTENSION pg_blocktrack");
     src.pgbench_init(10);
+    src.sql("postgres", "CREATE TABLE shrinks AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 50000) g");
     let repo = base.join("repo");
     backup(&src, &repo, &["-j", "2"]);
     let at_backup = src.dumpall();
     pgbench_run(&src, 500);
     src.sql("postgres", "CHECKPOINT");
     src.sql("postgres", "SELECT blocktrack.flush_summary()");
-    // After the last summary and the last checkpoint: about 3000 pages of
-    // pgbench_accounts changed, more than the shared buffers hold.
+    // After the last summary and the last checkpoint: files truncated,
+    // shrunk and created, and about 3000 pages of pgbench_accounts
+    // changed, more than the shared buffers hold.
+    src.sql("postgres", "TRUNCATE pgbench_history");
+    src.sql("postgres", "DELETE FROM shrinks WHERE g > 1000");
+    src.sql("postgres", "VACUUM shrinks");
+    let size: u64 = src.sql("postgres", "SELECT pg_relation_size('shrinks')").parse().unwrap();
+    assert!(size < 1 << 20, "VACUUM truncated shrinks to {size} bytes");
+    src.sql("postgres", "CREATE TABLE after_backup AS SELECT g FROM generate_series(1, 20000) g");
     for k in 0..3 {
         src.sql("postgres", &format!("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 997 = {k}"));
     }

@@ -8,18 +8,19 @@
 //! The page and record layouts are xlog_internal.h's and xlogrecord.h's,
 //! the same from PostgreSQL 15 to 18. Every page header is checked against
 //! the address it was read from (a recycled segment holds old pages), and
-//! every record's CRC-32C. Anything that changes relations other than
-//! through its block references (XLR_SPECIAL_REL_UPDATE, storage and
-//! database records, a transaction that drops relations, a prepared
-//! transaction, a `wal_level` change) is not followed: the caller then
-//! compares every block instead.
+//! every record's CRC-32C and link to the record before. Records are read
+//! as pg_blocktrack's summarizer (extension/src/wal_records.rs) and
+//! PostgreSQL's walsummarizer.c read them ([`record_changes`]); what they
+//! would make a gap (a tablespace created or dropped, `wal_level` falling
+//! to minimal, an unknown record flagged XLR_SPECIAL_REL_UPDATE) is not
+//! followed: the caller then compares every block instead.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{u16_at, u32_at, u64_at};
-use crate::blkref::{crc32c, BlockRefTable, RelFork};
+use crate::blkref::{crc32c, BlockRefTable, RelFork, FSM_FORK, INIT_FORK, MAIN_FORK, VM_FORK};
 use crate::lsn::{wal_file_name, Lsn};
 use crate::safe_fs;
 
@@ -51,10 +52,22 @@ const RM_DBASE: u8 = 4;
 const RM_TBLSPC: u8 = 5;
 const XLOG_SWITCH: u8 = 0x40;
 const XLOG_PARAMETER_CHANGE: u8 = 0x60;
+const WAL_LEVEL_REPLICA: i32 = 1;
+const XLOG_SMGR_CREATE: u8 = 0x10;
+const XLOG_SMGR_TRUNCATE: u8 = 0x20;
+const SMGR_TRUNCATE_HEAP: u32 = 0x0001;
+const SMGR_TRUNCATE_VM: u32 = 0x0002;
+const XLOG_DBASE_CREATE_FILE_COPY: u8 = 0x00;
+const XLOG_DBASE_CREATE_WAL_LOG: u8 = 0x10;
+const XLOG_DBASE_DROP: u8 = 0x20;
 const XLOG_XACT_OPMASK: u8 = 0x70;
-const XLOG_XACT_PREPARE: u8 = 0x10;
-const XLOG_XACT_ASSIGNMENT: u8 = 0x50;
+const XLOG_XACT_COMMIT: u8 = 0x00;
+const XLOG_XACT_ABORT: u8 = 0x20;
+const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
+const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
 const XLOG_XACT_HAS_INFO: u8 = 0x80;
+const XACT_XINFO_HAS_DBINFO: u32 = 1 << 0;
+const XACT_XINFO_HAS_SUBXACTS: u32 = 1 << 1;
 const XACT_XINFO_HAS_RELFILENODES: u32 = 1 << 2;
 
 /// Reads WAL pages of one timeline from a directory of segment files.
@@ -70,25 +83,44 @@ struct Pages<'a> {
 }
 
 impl Pages<'_> {
-    /// The page starting at `at`, its header checked.
-    fn load(&mut self, at: u64) -> Result<(), String> {
+    /// The page starting at `at`, its header checked. A missing segment,
+    /// a short one or a page of another address is [`Unread::Invalid`] (where
+    /// WAL may end); any other failure to read is [`Unread::Fatal`].
+    fn load(&mut self, at: u64) -> Result<(), Unread> {
         if self.page_at == Some(at) {
             return Ok(());
         }
         let segno = at / self.segment_size;
         if self.segment.as_ref().is_none_or(|(s, _)| *s != segno) {
             let name = wal_file_name(self.timeline, segno, self.segment_size);
-            let f = safe_fs::open_beneath(self.dir, &name).map_err(|e| e.to_string())?;
+            let f = safe_fs::open_beneath(self.dir, &name).map_err(|e| {
+                if e.is_not_found() {
+                    Unread::Invalid(e.to_string())
+                } else {
+                    Unread::Fatal(e.to_string())
+                }
+            })?;
             self.segment = Some((segno, f));
         }
         let (_, f) = self.segment.as_ref().expect("just opened");
         self.page.resize(self.page_size as usize, 0);
         let name = || wal_file_name(self.timeline, segno, self.segment_size);
-        f.read_exact_at(&mut self.page, at % self.segment_size)
-            .map_err(|e| format!("could not read WAL file \"{}\" at {}: {e}", name(), Lsn(at)))?;
+        f.read_exact_at(&mut self.page, at % self.segment_size).map_err(|e| {
+            let why = format!("could not read WAL file \"{}\" at {}: {e}", name(), Lsn(at));
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Unread::Invalid(why)
+            } else {
+                Unread::Fatal(why)
+            }
+        })?;
         let addr = u64_at(&self.page, 8);
         if addr != at {
-            return Err(format!("WAL page {} in \"{}\" is of {} (a recycled file)", Lsn(at), name(), Lsn(addr)));
+            return Err(Unread::Invalid(format!(
+                "WAL page {} in \"{}\" is of {} (a recycled file)",
+                Lsn(at),
+                name(),
+                Lsn(addr)
+            )));
         }
         let info = u16_at(&self.page, 2);
         if at.is_multiple_of(self.segment_size) {
@@ -97,7 +129,7 @@ impl Pages<'_> {
                 && u32_at(&self.page, 32) as u64 == self.segment_size
                 && u32_at(&self.page, 36) as u64 == self.page_size;
             if !long_ok {
-                return Err(format!("WAL file \"{}\" is not of this cluster or layout", name()));
+                return Err(Unread::Invalid(format!("WAL file \"{}\" is not of this cluster or layout", name())));
             }
         }
         self.page_at = Some(at);
@@ -114,21 +146,21 @@ impl Pages<'_> {
 
     /// Where a record that would start at `at` starts: past the page header
     /// when `at` is the start of a page.
-    fn record_start(&mut self, at: u64) -> Result<u64, String> {
+    fn record_start(&mut self, at: u64) -> Result<u64, Unread> {
         let at = at.next_multiple_of(8);
         if !at.is_multiple_of(self.page_size) {
             return Ok(at);
         }
         self.load(at)?;
         if u16_at(&self.page, 2) & XLP_FIRST_IS_CONTRECORD != 0 {
-            return Err(format!("WAL page {} continues a record, where one should start", Lsn(at)));
+            return Err(Unread::Invalid(format!("WAL page {} continues a record, where one should start", Lsn(at))));
         }
         Ok(at + self.header_len())
     }
 
     /// `len` bytes of the record starting at `at` into `out`, across page
     /// headers; returns where the bytes end.
-    fn read(&mut self, mut at: u64, len: usize, out: &mut Vec<u8>) -> Result<u64, String> {
+    fn read(&mut self, mut at: u64, len: usize, out: &mut Vec<u8>) -> Result<u64, Unread> {
         out.clear();
         while out.len() < len {
             let off = at % self.page_size;
@@ -138,7 +170,10 @@ impl Pages<'_> {
                 // A record going on from the page before.
                 let rem = u32_at(&self.page, 16) as usize;
                 if u16_at(&self.page, 2) & XLP_FIRST_IS_CONTRECORD == 0 || rem < len - out.len() {
-                    return Err(format!("WAL page {} does not continue the record before it", Lsn(at)));
+                    return Err(Unread::Invalid(format!(
+                        "WAL page {} does not continue the record before it",
+                        Lsn(at)
+                    )));
                 }
                 at += self.header_len();
                 continue;
@@ -165,19 +200,28 @@ pub enum WalEnd {
     AfterCheckpoint { checkpoint: Lsn, limit: Lsn },
 }
 
-/// Why a record could not be read.
+/// Why WAL could not be read.
 enum Unread {
-    /// Not a record (where the valid WAL ends, after a crash).
+    /// No valid record here (where the valid WAL ends, after a crash).
     Invalid(String),
-    /// A record larger than what may be read.
-    TooLong(String),
+    /// A record larger than what may be read, or a file that could not be
+    /// read: never taken for the end of the WAL.
+    Fatal(String),
+}
+
+impl Unread {
+    fn why(self) -> String {
+        match self {
+            Unread::Invalid(w) | Unread::Fatal(w) => w,
+        }
+    }
 }
 
 /// Reads the whole record starting at `at` into `rec`, checked: its length
 /// (no further than `limit`), its link to the record before (`prev`, when
 /// known) and its CRC. Returns where it ends.
 fn read_record(pages: &mut Pages, at: u64, prev: Option<u64>, limit: u64, rec: &mut Vec<u8>) -> Result<u64, Unread> {
-    pages.read(at, RECORD_HEADER, rec).map_err(Unread::Invalid)?;
+    pages.read(at, RECORD_HEADER, rec)?;
     let len = u32_at(rec, 0) as u64;
     if len < RECORD_HEADER as u64 || len > MAX_RECORD {
         return Err(Unread::Invalid(format!("WAL record at {} claims {len} bytes", Lsn(at))));
@@ -191,9 +235,9 @@ fn read_record(pages: &mut Pages, at: u64, prev: Option<u64>, limit: u64, rec: &
         )));
     }
     if len > limit.saturating_sub(at) {
-        return Err(Unread::TooLong(format!("WAL record at {} claims {len} bytes, past {}", Lsn(at), Lsn(limit))));
+        return Err(Unread::Fatal(format!("WAL record at {} claims {len} bytes, past {}", Lsn(at), Lsn(limit))));
     }
-    let end = pages.read(at, len as usize, rec).map_err(Unread::Invalid)?;
+    let end = pages.read(at, len as usize, rec)?;
     let mut crc_input = Vec::with_capacity(rec.len());
     crc_input.extend_from_slice(&rec[RECORD_HEADER..]);
     crc_input.extend_from_slice(&rec[..20]);
@@ -241,8 +285,8 @@ pub fn changes_between(
     loop {
         let start = match pages.record_start(at) {
             Ok(s) => s,
-            Err(_) if to_end && at >= must_read => break,
-            Err(e) => return Err(e),
+            Err(Unread::Invalid(_)) if to_end && at >= must_read => break,
+            Err(e) => return Err(e.why()),
         };
         if !to_end && start >= must_read {
             at = start;
@@ -251,7 +295,7 @@ pub fn changes_between(
         let end = match read_record(&mut pages, start, prev, limit, &mut rec) {
             Ok(end) => end,
             Err(Unread::Invalid(_)) if to_end && start >= must_read => break,
-            Err(Unread::Invalid(why) | Unread::TooLong(why)) => return Err(why),
+            Err(e) => return Err(e.why()),
         };
         let (rmid, info) = (rec[17], rec[16]);
         record_changes(&rec, table)
@@ -266,20 +310,19 @@ pub fn changes_between(
     Ok((records, Lsn(at)))
 }
 
-/// Marks the blocks of one whole record (header included, its length and
-/// CRC already checked); Err when it changes relations in a way its block
-/// references do not say, or is malformed.
+/// Marks the changes of one whole record (header included, its length and
+/// CRC already checked) as PostgreSQL's WAL summarizer and pg_blocktrack's
+/// do: every block reference but the free space map's marks its block; a
+/// relation created or dropped lowers its forks' limit to 0, a truncation
+/// to the new length; CREATE and DROP DATABASE mark the whole database.
+/// Err when it changes relation files in a way this does not follow (a
+/// tablespace created or dropped, `wal_level` falling to minimal, any other
+/// record flagged XLR_SPECIAL_REL_UPDATE), or is malformed.
 pub fn record_changes(rec: &[u8], table: &mut BlockRefTable) -> Result<(), String> {
     if rec.len() < RECORD_HEADER {
         return Err(format!("a record of {} bytes", rec.len()));
     }
     let (info, rmid) = (rec[16], rec[17]);
-    if info & XLR_SPECIAL_REL_UPDATE != 0 || matches!(rmid, RM_SMGR | RM_DBASE | RM_TBLSPC) {
-        return Err("it creates, truncates or drops files".into());
-    }
-    if rmid == RM_XLOG && info & 0xF0 == XLOG_PARAMETER_CHANGE {
-        return Err("it changes server parameters such as wal_level".into());
-    }
     let mut pos = RECORD_HEADER;
     let mut data_total: u64 = 0;
     let mut main_len: u64 = 0;
@@ -331,10 +374,13 @@ pub fn record_changes(rec: &[u8], table: &mut BlockRefTable) -> Result<(), Strin
                 let (spc, db, relnode) = rel.ok_or("a block reference names the relation before it, and none came")?;
                 let block = u32_at(rec, take(&mut pos, 4)?);
                 let fork = flags & BKPBLOCK_FORK_MASK;
-                if fork > 3 || relnode == 0 {
+                if fork > INIT_FORK || relnode == 0 {
                     return Err(format!("a block reference names fork {fork} of relation {relnode}"));
                 }
-                table.mark_block(RelFork { spc, db, rel: relnode, fork }, block);
+                // The free space map is compared in full: its changes are not all logged.
+                if fork != FSM_FORK {
+                    table.mark_block(RelFork { spc, db, rel: relnode, fork }, block);
+                }
             }
             other => return Err(format!("unknown block id {other}")),
         }
@@ -342,23 +388,129 @@ pub fn record_changes(rec: &[u8], table: &mut BlockRefTable) -> Result<(), Strin
     if (rec.len() - pos) as u64 != data_total {
         return Err(format!("{} bytes follow its headers, which announce {data_total}", rec.len() - pos));
     }
-    if rmid == RM_XACT {
-        let op = info & XLOG_XACT_OPMASK;
-        if op == XLOG_XACT_PREPARE {
-            return Err("it prepares a transaction, which may drop relations".into());
+    let main = &rec[rec.len() - main_len as usize..];
+    let need = |n: usize, what: &str| {
+        if main.len() < n {
+            Err(format!("its {what} data holds {} bytes, fewer than {n}", main.len()))
+        } else {
+            Ok(())
         }
-        // Commit, abort and their prepared forms: xact_time, then xinfo.
-        if op < XLOG_XACT_ASSIGNMENT && info & XLOG_XACT_HAS_INFO != 0 {
-            let main = &rec[rec.len() - main_len as usize..];
-            if main.len() < 12 {
-                return Err("its transaction data is short".into());
+    };
+    let relfork = |at: usize, fork: u8| RelFork {
+        spc: u32_at(main, at),
+        db: u32_at(main, at + 4),
+        rel: u32_at(main, at + 8),
+        fork,
+    };
+    let op = info & 0xF0;
+    match rmid {
+        RM_SMGR if op == XLOG_SMGR_CREATE => {
+            // xl_smgr_create: the relation, then the fork.
+            need(16, "relation creation")?;
+            let fork = u32_at(main, 12);
+            if fork > INIT_FORK as u32 {
+                return Err(format!("it creates fork {fork}"));
             }
-            if u32_at(main, 8) & XACT_XINFO_HAS_RELFILENODES != 0 {
-                return Err("a transaction that drops relations ends".into());
+            if fork as u8 != FSM_FORK {
+                table.set_limit(relfork(0, fork as u8), 0);
             }
+            return Ok(());
         }
+        RM_SMGR if op == XLOG_SMGR_TRUNCATE => {
+            // xl_smgr_truncate: the new length, the relation, the forks truncated.
+            need(20, "truncation")?;
+            let flags = u32_at(main, 16);
+            if flags & SMGR_TRUNCATE_HEAP != 0 {
+                table.set_limit(relfork(4, MAIN_FORK), u32_at(main, 0));
+            }
+            if flags & SMGR_TRUNCATE_VM != 0 {
+                table.set_limit(relfork(4, VM_FORK), 0);
+            }
+            return Ok(());
+        }
+        RM_XACT => {
+            for r in dropped_relations(info, main)? {
+                for fork in [MAIN_FORK, VM_FORK, INIT_FORK] {
+                    table.set_limit(RelFork { fork, ..r }, 0);
+                }
+            }
+            return Ok(());
+        }
+        RM_DBASE => {
+            match op {
+                XLOG_DBASE_CREATE_FILE_COPY | XLOG_DBASE_CREATE_WAL_LOG => {
+                    // Both start with the new database's OID and tablespace.
+                    need(8, "database creation")?;
+                    table.mark_database(u32_at(main, 4), u32_at(main, 0));
+                }
+                XLOG_DBASE_DROP => {
+                    // The database, how many tablespaces, then each of them.
+                    need(8, "database drop")?;
+                    let n = u32_at(main, 4) as usize;
+                    if n > (main.len() - 8) / 4 {
+                        return Err(format!("it drops a database from {n} tablespaces, more than its data holds"));
+                    }
+                    for i in 0..n {
+                        table.mark_database(u32_at(main, 8 + 4 * i), u32_at(main, 0));
+                    }
+                }
+                other => return Err(format!("an unknown database record (info 0x{other:02x})")),
+            }
+            return Ok(());
+        }
+        RM_TBLSPC => return Err("it creates or drops a tablespace".into()),
+        RM_XLOG if op == XLOG_PARAMETER_CHANGE => {
+            // xl_parameter_change: wal_level after five ints.
+            need(24, "parameter change")?;
+            let level = u32_at(main, 20) as i32;
+            if level < WAL_LEVEL_REPLICA {
+                return Err(format!("wal_level fell to minimal (level {level})"));
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
+    if info & XLR_SPECIAL_REL_UPDATE != 0 {
+        return Err(format!("it changes relation files in a way not followed here (info 0x{info:02x})"));
     }
     Ok(())
+}
+
+/// The relations a commit or abort record (`main`, its main data) drops,
+/// as ParseCommitRecord and ParseAbortRecord read them: xact_time, xinfo,
+/// then the database, the subtransactions and the relations, each when
+/// xinfo says it is there.
+fn dropped_relations(info: u8, main: &[u8]) -> Result<Vec<RelFork>, String> {
+    let op = info & XLOG_XACT_OPMASK;
+    let ends = matches!(op, XLOG_XACT_COMMIT | XLOG_XACT_ABORT | XLOG_XACT_COMMIT_PREPARED | XLOG_XACT_ABORT_PREPARED);
+    if !ends || info & XLOG_XACT_HAS_INFO == 0 {
+        return Ok(Vec::new());
+    }
+    let short = || format!("its transaction data ({} bytes) ends early", main.len());
+    let word = |at: usize| if at + 4 <= main.len() { Ok(u32_at(main, at)) } else { Err(short()) };
+    let xinfo = word(8)?;
+    let mut at = 12;
+    if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
+        at += 8;
+    }
+    if xinfo & XACT_XINFO_HAS_SUBXACTS != 0 {
+        let n = word(at)? as usize;
+        at = n.checked_mul(4).and_then(|b| b.checked_add(at + 4)).filter(|&e| e <= main.len()).ok_or_else(short)?;
+    }
+    if xinfo & XACT_XINFO_HAS_RELFILENODES == 0 {
+        return Ok(Vec::new());
+    }
+    let n = word(at)? as usize;
+    at += 4;
+    if n > (main.len() - at) / 12 {
+        return Err(short());
+    }
+    Ok((0..n)
+        .map(|i| {
+            let r = at + 12 * i;
+            RelFork { spc: u32_at(main, r), db: u32_at(main, r + 4), rel: u32_at(main, r + 8), fork: MAIN_FORK }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -517,22 +669,80 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_follow() {
+        let rel = |r: u32| [1663u32, 5, r].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        // A commit (database info, two subtransactions) that drops two relations.
         let drop_rels = {
             let mut main = vec![0u8; 8];
-            main.extend_from_slice(&XACT_XINFO_HAS_RELFILENODES.to_le_bytes());
-            record(RM_XACT, XLOG_XACT_HAS_INFO, None, 0, 0, &main)
+            let xinfo = XACT_XINFO_HAS_DBINFO | XACT_XINFO_HAS_SUBXACTS | XACT_XINFO_HAS_RELFILENODES;
+            main.extend_from_slice(&xinfo.to_le_bytes());
+            main.extend_from_slice(&[5, 0, 0, 0, 0x7F, 6, 0, 0]);
+            main.extend_from_slice(&2u32.to_le_bytes());
+            main.extend_from_slice(&[0; 8]);
+            main.extend_from_slice(&2u32.to_le_bytes());
+            main.extend(rel(16400));
+            main.extend(rel(16401));
+            record(RM_XACT, XLOG_XACT_COMMIT | XLOG_XACT_HAS_INFO, None, 0, 0, &main)
         };
         let plain_commit = {
             let mut main = vec![0u8; 8];
             main.extend_from_slice(&1u32.to_le_bytes());
+            main.extend_from_slice(&[0; 8]);
             record(RM_XACT, XLOG_XACT_HAS_INFO, None, 0, 0, &main)
         };
-        let truncate = record(RM_SMGR, 0x20 | XLR_SPECIAL_REL_UPDATE, None, 0, 0, &[0; 16]);
-        let recs = vec![plain_commit, drop_rels, truncate, record(RM_XLOG, 0x10, None, 0, 0, &[0; 8])];
+        // pgbench_history truncated to 7 blocks, with its visibility map.
+        let truncate = {
+            let mut main = 7u32.to_le_bytes().to_vec();
+            main.extend(rel(16410));
+            main.extend_from_slice(&(SMGR_TRUNCATE_HEAP | SMGR_TRUNCATE_VM).to_le_bytes());
+            record(RM_SMGR, XLOG_SMGR_TRUNCATE | XLR_SPECIAL_REL_UPDATE, None, 0, 0, &main)
+        };
+        let create = {
+            let mut main = rel(16420);
+            main.extend_from_slice(&0u32.to_le_bytes());
+            record(RM_SMGR, XLOG_SMGR_CREATE | XLR_SPECIAL_REL_UPDATE, None, 0, 0, &main)
+        };
+        let create_db = record(RM_DBASE, XLOG_DBASE_CREATE_WAL_LOG, None, 0, 0, &[0x10, 0x40, 0, 0, 0x7F, 6, 0, 0]);
+        let tablespace = record(RM_TBLSPC, 0, None, 0, 0, &[0; 8]);
+        let unknown = record(99, XLR_SPECIAL_REL_UPDATE, None, 0, 0, &[0; 8]);
+        let minimal = {
+            let mut main = vec![0u8; 20];
+            main.extend_from_slice(&0u32.to_le_bytes());
+            main.extend_from_slice(&[0; 4]);
+            record(RM_XLOG, XLOG_PARAMETER_CHANGE, None, 0, 0, &main)
+        };
+        let short_drop = record(RM_XACT, XLOG_XACT_ABORT | XLOG_XACT_HAS_INFO, None, 0, 0, &{
+            let mut main = vec![0u8; 8];
+            main.extend_from_slice(&XACT_XINFO_HAS_RELFILENODES.to_le_bytes());
+            main.extend_from_slice(&1000u32.to_le_bytes());
+            main
+        });
+        let recs = vec![
+            plain_commit,
+            drop_rels,
+            truncate,
+            create,
+            create_db,
+            tablespace,
+            unknown,
+            minimal,
+            short_drop,
+            record(RM_XLOG, 0x10, None, 0, 0, &[0; 8]),
+        ];
         let (dir, s, _) = lay_out("refuses", &recs);
-        assert_eq!(follow(&dir, s[0], s[1]).0.unwrap(), 1);
-        assert!(follow(&dir, s[0], s[2]).0.unwrap_err().contains("drops relations"));
-        assert!(follow(&dir, s[2], s[3]).0.unwrap_err().contains("creates, truncates or drops"));
+        let (n, t) = follow(&dir, s[0], s[5]);
+        assert_eq!(n.unwrap(), 5);
+        let limit = |r: u32, fork: u8| t.get(&RelFork { spc: 1663, db: 5, rel: r, fork }).and_then(|c| c.limit);
+        for fork in [MAIN_FORK, VM_FORK, INIT_FORK] {
+            assert_eq!(limit(16400, fork), Some(0));
+            assert_eq!(limit(16401, fork), Some(0));
+        }
+        assert_eq!((limit(16410, MAIN_FORK), limit(16410, VM_FORK)), (Some(7), Some(0)));
+        assert_eq!(limit(16420, MAIN_FORK), Some(0));
+        assert!(t.get(&RelFork::database(1663, 0x4010)).is_some(), "the new database is marked whole");
+        assert!(follow(&dir, s[5], s[6]).0.unwrap_err().contains("tablespace"));
+        assert!(follow(&dir, s[6], s[7]).0.unwrap_err().contains("not followed here"));
+        assert!(follow(&dir, s[7], s[8]).0.unwrap_err().contains("wal_level fell to minimal"));
+        assert!(follow(&dir, s[8], s[9]).0.unwrap_err().contains("ends early"));
         // A flipped bit fails the CRC; a page of another address is refused.
         let path = dir.join(wal_file_name(1, 1, SEG));
         let mut seg = std::fs::read(&path).unwrap();
@@ -607,6 +817,12 @@ mod tests {
         std::fs::write(&path, &seg).unwrap();
         let (n, at) = to_end(&dir, s[0], s[1], limit).0.unwrap();
         assert!(n == 3 && at > Lsn(s[2]) && at <= Lsn(s[3]), "{n} records to {at}");
+        // No segment where the WAL would go on: it ends there. One that is
+        // there but cannot be read is an error, never an end.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(to_end(&dir, s[2], s[1], limit).0.unwrap(), (0, Lsn(s[2])));
+        std::fs::create_dir(&path).unwrap();
+        assert!(to_end(&dir, s[2], s[1], limit).0.is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -317,23 +317,12 @@ fn parse_summary_file_name(name: &str) -> Option<(u32, Lsn, Lsn)> {
 
 /// CRC-32C (Castagnoli), the checksum PostgreSQL uses for WAL and control files.
 pub fn crc32c(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0x82F6_3B78 ^ (c >> 1) } else { c >> 1 };
-            }
-            *e = c;
-        }
-        t
-    });
-    let mut crc = !0u32;
-    for &b in data {
-        crc = table[((crc ^ b as u32) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
+    ::crc32c::crc32c(data)
+}
+
+/// [`crc32c`] of the bytes already summed into `crc`, then `data`.
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    ::crc32c::crc32c_append(crc, data)
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u32) {
@@ -660,6 +649,7 @@ mod tests {
     #[test]
     fn crc32c_known_value() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c_append(crc32c(b"1234"), b"56789"), 0xE306_9283);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{u16_at, u32_at, u64_at};
-use crate::blkref::{crc32c, BlockRefTable, RelFork, FSM_FORK, INIT_FORK, MAIN_FORK, VM_FORK};
+use crate::blkref::{crc32c, crc32c_append, BlockRefTable, RelFork, FSM_FORK, INIT_FORK, MAIN_FORK, VM_FORK};
 use crate::lsn::{wal_file_name, Lsn};
 use crate::safe_fs;
 
@@ -238,10 +238,8 @@ fn read_record(pages: &mut Pages, at: u64, prev: Option<u64>, limit: u64, rec: &
         return Err(Unread::Fatal(format!("WAL record at {} claims {len} bytes, past {}", Lsn(at), Lsn(limit))));
     }
     let end = pages.read(at, len as usize, rec)?;
-    let mut crc_input = Vec::with_capacity(rec.len());
-    crc_input.extend_from_slice(&rec[RECORD_HEADER..]);
-    crc_input.extend_from_slice(&rec[..20]);
-    if crc32c(&crc_input) != u32_at(rec, 20) {
+    // The CRC covers the data after the header, then the header up to the CRC.
+    if crc32c_append(crc32c(&rec[RECORD_HEADER..]), &rec[..20]) != u32_at(rec, 20) {
         return Err(Unread::Invalid(format!("WAL record at {} fails its CRC check", Lsn(at))));
     }
     Ok(end)

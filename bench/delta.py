@@ -2,7 +2,11 @@
 """`restore --delta` against a full restore, on the same backup.
 
 pgbench scale --scale, a full backup at -j --jobs; the cluster then goes on
-with `pgbench -c 2 -t --diverge` and stops (the failed primary to re-seed).
+with `pgbench -c 2 -t --diverge` and stops (the failed primary to re-seed):
+shut down cleanly, or with --crash stopped with `pg_ctl -m immediate`, as
+a crashed primary is, after a checkpoint half way through (its delta then
+follows its WAL to the end; what it names after the checkpoint may never
+have reached the disk, and is rewritten all the same).
 Each round, with the page cache dropped before each run:
   - a full restore into an empty directory;
   - `restore --delta` over a fresh copy of the diverged data directory (the
@@ -12,7 +16,8 @@ Also counts the changed bytes: 8 kB blocks that differ between the diverged
 copy and the backup's restore, plus bytes of files only the backup has.
 Prints every run and the medians, and writes BENCHMARKS-delta.md.
 
-  python3 bench/delta.py [--scale 50] [--jobs 2] [--diverge 2000] [--reps 3]
+  python3 bench/delta.py [--scale 50] [--jobs 2] [--diverge 2000] [--reps 3] [--crash]
+                         [--out BENCHMARKS-delta.md]
 
 Run as root.
 """
@@ -93,6 +98,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--diverge", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--crash", action="store_true", help="stop the diverged cluster with -m immediate")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS-delta.md"))
     a = ap.parse_args()
     data = BASE / "data"
     if (data / "postmaster.pid").exists():
@@ -104,7 +111,17 @@ def main():
         sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-i", "-q", "-s", a.scale, "postgres"])
         psql(PORT, "CHECKPOINT")
         sh([BS, "backup", "-D", data, "-h", "/tmp", "-p", PORT, "-U", "postgres", "--repo", repo, "-j", a.jobs])
-        sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-c", "2", "-t", a.diverge, "postgres"])
+        if a.crash:
+            # Half, a checkpoint (changed pages reach the disk), the other half.
+            half = a.diverge // 2
+            sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-c", "2", "-t", half, "postgres"])
+            psql(PORT, "CHECKPOINT")
+            sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-c", "2", "-t", a.diverge - half,
+                "postgres"])
+        else:
+            sh([PG_BIN / "pgbench", "-h", "/tmp", "-p", PORT, "-U", "postgres", "-c", "2", "-t", a.diverge, "postgres"])
+        if a.crash:
+            sh([PG_BIN / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"], user="postgres")
     finally:
         sh([PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], user="postgres", check=False)
     full_target, delta_target = BASE / "full", BASE / "delta"
@@ -145,10 +162,13 @@ def main():
         "# Delta restore",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        f"`python3 bench/delta.py --scale {a.scale} --jobs {a.jobs} --diverge {a.diverge} --reps {a.reps}`.",
+        f"`python3 bench/delta.py --scale {a.scale} --jobs {a.jobs} --diverge {a.diverge} --reps {a.reps}"
+        f"{' --crash' if a.crash else ''}`.",
         "",
         f"pgbench scale {a.scale} ({restored / 2**20:.0f} MiB restored), a full backup at -j {a.jobs}; the cluster "
-        f"then ran `pgbench -c 2 -t {a.diverge}` and stopped. Page cache dropped before every run.",
+        f"then ran `pgbench -c 2 -t {a.diverge}` and "
+        f"{'crashed (`pg_ctl -m immediate`; a CHECKPOINT half way)' if a.crash else 'stopped'}. "
+        "Page cache dropped before every run.",
         "",
         "| restore | median (s) | runs (s) | bytes written | bytes of the target read |",
         "|---|---:|---|---:|---:|",
@@ -169,7 +189,7 @@ def main():
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    (ROOT / "BENCHMARKS-delta.md").write_text(text)
+    Path(a.out).write_text(text)
 
 
 if __name__ == "__main__":

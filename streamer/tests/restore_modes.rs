@@ -215,6 +215,14 @@ fn delta_over_a_crashed_primary_follows_its_wal_to_the_end() {
         src.sql("postgres", &format!("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 997 = {k}"));
     }
     run(as_postgres("pg_ctl").arg("-D").arg(&src.data).args(["-m", "immediate", "-w", "stop"]));
+    // A crash that takes the postmaster too leaves its postmaster.pid: no
+    // process uses the directory, but the file is not proof enough.
+    let pid_file = src.data.join("postmaster.pid");
+    std::fs::write(&pid_file, "4194000\n").unwrap();
+    let (code, _, err) = bs(&["restore", "--repo", path(&repo), "-D", path(&src.data), "--delta"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("holds postmaster.pid") && err.contains("if none runs on it"), "{err}");
+    std::fs::remove_file(&pid_file).unwrap();
     let compared_copy = base.join("crashed-compared");
     copy_tree(&src.data, &compared_copy);
 

@@ -842,8 +842,9 @@ fn check_dir(dir: &Path, replace: bool, what: &str, postmasters: &[Postmaster]) 
     }
     if dir.join("postmaster.pid").exists() {
         return Err(Error::Conflict(format!(
-            "{what} \"{}\" holds postmaster.pid: stop the server that uses it before restoring over it",
-            dir.display()
+            "{what} \"{}\" holds postmaster.pid: stop the server that uses it before restoring over it; if none runs on it (the server crashed, and no process here uses the directory), remove {}",
+            dir.display(),
+            dir.join("postmaster.pid").display()
         )));
     }
     Ok(DirState::Replace)

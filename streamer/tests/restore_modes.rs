@@ -59,6 +59,28 @@ fn restore_json(repo: &Path, target: &Path, extra: &[&str]) -> serde_json::Value
     serde_json::from_str(&bs_ok(&args)).unwrap()
 }
 
+/// A delta guided by the target's tracking left the same files, byte for
+/// byte, as one that compared every block of another copy of the target.
+fn assert_same_files_as_compared(tracked: &Path, compared: &Path) {
+    let (tracked, compared) = (tree(tracked), tree(compared));
+    assert_eq!(tracked.len(), compared.len());
+    for (rel, bytes) in &tracked {
+        assert!(compared.get(rel) == Some(bytes), "{rel} differs between the tracked and the compared delta");
+    }
+}
+
+/// Starts the restored `data` on a port of its own; its data must be the
+/// backup's (`pg_dumpall`, pgbench's balances, amcheck).
+fn start_and_check(name: &str, data: &Path, base: &Path, at_backup: &str, what: &str) {
+    let back = Cluster::restored(name, data, base);
+    back.start();
+    back.wait_promoted();
+    assert_same_dump(at_backup, &back.dumpall(), what);
+    assert_pgbench_balances(&back, what);
+    assert_amcheck_clean(&back, what);
+    back.stop();
+}
+
 /// A full backup and an incremental under pgbench; the source then goes on
 /// (pgbench, a new table, a stray file) and stops. `--delta` over its data
 /// directory brings it back to the incremental's point, writing far fewer
@@ -124,24 +146,14 @@ fn delta_brings_a_diverged_data_directory_back_to_the_backup() {
     let rc = restore_json(&repo, &compared_copy, &["--delta", "--delta-compare-all"]);
     assert_eq!(rc["delta_basis"], "every block compared (--delta-compare-all)", "{rc}");
     assert!(rc["bytes_compared"].as_u64().unwrap() > restored / 2, "{rc}");
-    let (tracked, compared) = (tree(&src.data), tree(&compared_copy));
-    assert_eq!(tracked.len(), compared.len());
-    for (rel, bytes) in &tracked {
-        assert!(compared.get(rel) == Some(bytes), "{rel} differs between the tracked and the compared delta");
-    }
+    assert_same_files_as_compared(&src.data, &compared_copy);
     assert!(r["files_unchanged"].as_u64().unwrap() > 100, "{r}");
     assert!(r["removed"].as_u64().unwrap() >= 3, "{r}");
     for gone in ["base/1/stray_file", "stray_dir", "stray_link"] {
         assert!(std::fs::symlink_metadata(src.data.join(gone)).is_err(), "{gone} is still there");
     }
     assert!(Path::new("/etc/passwd").exists(), "the link was removed, not followed");
-    let back = Cluster::restored("delta-restored", &src.data, &base);
-    back.start();
-    back.wait_promoted();
-    assert_same_dump(&at_backup, &back.dumpall(), "delta restore over the diverged cluster");
-    assert_pgbench_balances(&back, "delta restore");
-    assert_amcheck_clean(&back, "delta restore");
-    back.stop();
+    start_and_check("delta-restored", &src.data, &base, &at_backup, "delta restore over the diverged cluster");
 
     // Over an empty directory, --delta is a plain restore: every byte written.
     let empty = base.join("empty-data");
@@ -240,19 +252,9 @@ fn delta_over_a_crashed_primary_follows_its_wal_to_the_end() {
     let restored = r["bytes_restored"].as_u64().unwrap();
     assert!(r["bytes_compared"].as_u64().unwrap() < restored / 10, "{r}");
     let rc = restore_json(&repo, &compared_copy, &["--delta", "--delta-compare-all"]);
-    let (tracked, compared) = (tree(&src.data), tree(&compared_copy));
-    assert_eq!(tracked.len(), compared.len());
-    for (rel, bytes) in &tracked {
-        assert!(compared.get(rel) == Some(bytes), "{rel} differs between the tracked and the compared delta");
-    }
+    assert_same_files_as_compared(&src.data, &compared_copy);
     assert_eq!(rc["delta_basis"], "every block compared (--delta-compare-all)", "{rc}");
-    let back = Cluster::restored("crash-restored", &src.data, &base);
-    back.start();
-    back.wait_promoted();
-    assert_same_dump(&at_backup, &back.dumpall(), "delta restore over the crashed primary");
-    assert_pgbench_balances(&back, "delta restore over the crashed primary");
-    assert_amcheck_clean(&back, "delta restore over the crashed primary");
-    back.stop();
+    start_and_check("crash-restored", &src.data, &base, &at_backup, "delta restore over the crashed primary");
 }
 
 /// A delta restore killed midway leaves a directory without pg_control

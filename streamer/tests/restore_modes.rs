@@ -265,6 +265,11 @@ fn delta_killed_midway_cannot_start_and_a_rerun_completes() {
     use std::os::unix::process::ExitStatusExt;
     let base = scratch("delta-kill");
     let (src, repo) = pgbench_source(&base, 5);
+    // A copy of the cluster from before the backup, stopped cleanly.
+    src.stop();
+    let stale = base.join("stale-copy");
+    copy_tree(&src.data, &stale);
+    src.start();
     backup(&src, &repo, &["-j", "2"]);
     let at_backup = src.dumpall();
     pgbench_run(&src, 1000);
@@ -291,6 +296,16 @@ fn delta_killed_midway_cannot_start_and_a_rerun_completes() {
     assert_same_dump(&at_backup, &back.dumpall(), "delta rerun after a kill");
     assert_pgbench_balances(&back, "delta rerun");
     back.stop();
+
+    // Over a copy older than the backup its tracking proves nothing either.
+    let r = restore_json(&repo, &stale, &["--delta"]);
+    let basis = r["delta_basis"].as_str().unwrap();
+    assert!(basis.starts_with("every block compared: the target's last checkpoint"), "{r}");
+    let old = Cluster::restored("delta-stale", &stale, &base);
+    old.start();
+    old.wait_promoted();
+    assert_same_dump(&at_backup, &old.dumpall(), "delta over a copy older than the backup");
+    old.stop();
 }
 
 /// `--db-include shop` from a chain (full + incremental): shop's data equals

@@ -123,6 +123,14 @@ pub fn target_changes(target: &Path, m: &Manifest) -> std::result::Result<Target
         }
         s => return Err(format!("the target stopped while starting up (control file state {s})")),
     };
+    // A copy older than the backup never went through its start: nothing
+    // in its tracking speaks of the backup's blocks.
+    if until < m.start_lsn {
+        return Err(format!(
+            "the target's last checkpoint at {until} is before the backup started at {}: it is an older copy",
+            m.start_lsn
+        ));
+    }
     if control.data_checksum_version == 0 && !control.wal_log_hints {
         return Err(
             "the target has neither data checksums nor wal_log_hints: hint-bit changes are not in its WAL".into()
